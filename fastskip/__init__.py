@@ -1,0 +1,35 @@
+"""fastskip: evaluate thousands of transformer subnetworks in one batched, exact
+pass over stacked weights, checked against TransformerLens.
+
+    import fastskip as fs
+    model = fs.load_model("gpt2-small-random")
+    runner = fs.Runner(model)
+    res = runner.run(["all", "0-7,9.mlp"], prompts=["1 2 3 4"], answers=[" 5"])
+
+Importing fastskip loads neither TransformerLens nor a model.
+"""
+
+from . import grid
+from .engine import Runner
+from .errors import (
+    CheckError,
+    FastskipError,
+    InputError,
+    MemoryBudgetError,
+    PlanError,
+    UnsupportedModelError,
+)
+from .models import load_model
+from .plan import Plan, PlanMask
+from .planset import PlanSet
+from .reference import check, plan_hooks, reference_logits
+from .report import test_prompt
+from .results import Results
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckError", "FastskipError", "InputError", "MemoryBudgetError", "Plan", "PlanError",
+    "PlanMask", "PlanSet", "Results", "Runner", "UnsupportedModelError", "check", "grid",
+    "load_model", "plan_hooks", "reference_logits", "test_prompt",
+]

@@ -1,0 +1,230 @@
+"""Execution: walk a plan set's prefix tree and produce every plan's final
+residual stream at the asked positions.
+
+States live in an *arena*, a tensor [capacity, B, T, d] whose slots are planned
+ahead by ``schedule.assign_slots``: a skipped component costs nothing, a chain
+is updated in place, and every distinct state is computed once. After the last
+step that has attention work, only the positions whose logits are asked for are
+kept (MLPs are per position), so the last MLPs and the unembedding run on those
+positions only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import blocks
+from .errors import MemoryBudgetError
+from .planset import PlanSet
+from .schedule import StepKeys, Tree, assign_slots, build_tree, lexicographic_order, step_keys
+from .weights import StackedWeights
+
+
+@dataclass
+class FinalStates:
+    """One batch of final states: ``states[row_of[i]]`` is the final residual
+    stream of plan ``plans[i]`` at the asked positions ([B, Q, d] each)."""
+
+    states: torch.Tensor  # [m, B, Q, d]
+    plans: np.ndarray  # [k] plan indices (into the plan set given to the executor)
+    row_of: np.ndarray  # [k] row of each plan in states
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """Start/stop of runs of equal values in a sorted array."""
+    if len(flags) == 0:
+        return []
+    cut = np.nonzero(np.diff(flags.astype(np.int64)))[0] + 1
+    edges = np.concatenate([[0], cut, [len(flags)]])
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def _batches(order: np.ndarray, group: np.ndarray, max_rows: int) -> list[np.ndarray]:
+    """Indices sorted by ``order``, split where ``group`` changes and cut into
+    pieces of at most ``max_rows``."""
+    idx = np.argsort(order, kind="stable")
+    out = []
+    for a, b in _runs(group[idx]):
+        for c in range(a, b, max_rows):
+            out.append(idx[c:min(b, c + max_rows)])
+    return out
+
+
+class TreeExecutor:
+    """Runs plan sets over stacked weights with prefix sharing."""
+
+    def __init__(self, weights: StackedWeights, max_rows: int = 256):
+        self.w = weights
+        self.max_rows = max(1, int(max_rows))  # states per matmul batch
+
+    # -- planning ----------------------------------------------------------
+    @staticmethod
+    def arena_sizes(tree: Tree) -> tuple[int, int, int]:
+        """(last attention step, full-position slots, asked-position slots)."""
+        last = tree.last_attention_step()
+        n_steps = len(tree.steps)
+        if last < 0:
+            return last, 0, max(assign_slots(tree, 0, n_steps, np.zeros(1, np.int64)).capacity, 1)
+        full = assign_slots(tree, 0, last, np.zeros(1, np.int64)).capacity
+        n_at_last = len(tree.steps[last].parent)
+        reduced = assign_slots(tree, last + 1, n_steps, np.arange(n_at_last)).capacity
+        return last, max(full, 1), max(reduced, n_at_last)
+
+    def chunks(self, keys: StepKeys, full_bytes: int, small_bytes: int, budget: int
+               ) -> Iterator[tuple[np.ndarray, Tree]]:
+        """Split the plans (in lexicographic key order, so that each chunk is a
+        few whole subtrees) until each chunk's arenas fit in ``budget`` bytes."""
+        pending = [lexicographic_order(keys.keys)]
+        while pending:
+            idx = pending.pop(0)
+            tree = build_tree(keys.keys[idx])
+            _, full, small = self.arena_sizes(tree)
+            need = full * full_bytes + small * small_bytes
+            if need <= budget:
+                yield idx, tree
+            elif len(idx) == 1:
+                raise MemoryBudgetError(
+                    f"one plan needs {need / 2**20:.0f} MiB of residual-stream states but the "
+                    f"memory budget allows {budget / 2**20:.0f} MiB; raise max_memory or use "
+                    "fewer/shorter prompts"
+                )
+            else:
+                half = len(idx) // 2
+                pending[:0] = [idx[:half], idx[half:]]
+
+    # -- running -----------------------------------------------------------
+    def run(self, plans: PlanSet, tokens: torch.Tensor, q_pos: torch.Tensor,
+            unembed_rows: int = 64, arena_bytes: int = 2**30) -> Iterator[FinalStates]:
+        """Yield the final states of every plan, in batches of at most
+        ``unembed_rows`` distinct states. tokens [B, T]; q_pos [B, Q] positions
+        to keep; the state arenas stay within ``arena_bytes``."""
+        keys = step_keys(plans)
+        B, T = tokens.shape
+        elem = self.w.dtype.itemsize if hasattr(self.w.dtype, "itemsize") else 4
+        full_bytes = B * T * self.w.d_model * elem
+        small_bytes = B * q_pos.shape[1] * self.w.d_model * elem
+        for idx, tree in self.chunks(keys, full_bytes, small_bytes, arena_bytes):
+            for fs in self._run_tree(keys, tree, tokens, q_pos, unembed_rows):
+                yield FinalStates(fs.states, idx[fs.plans], fs.row_of)
+
+    def _run_tree(self, keys: StepKeys, tree: Tree, tokens: torch.Tensor, q_pos: torch.Tensor,
+                  unembed_rows: int) -> Iterator[FinalStates]:
+        w = self.w
+        last, full_cap, small_cap = self.arena_sizes(tree)
+        n_steps = len(tree.steps)
+        B, T = tokens.shape
+        Q = q_pos.shape[1]
+        if last >= 0:
+            full_plan = assign_slots(tree, 0, last, np.zeros(1, np.int64))
+            arena = w.W_E.new_empty((full_cap, B, T, w.d_model))
+            arena[0] = blocks.embed(tokens, w)
+            prev = np.zeros(1, np.int64)
+            for s in range(0, last):
+                slots = full_plan.slots[s]
+                self._step(s, keys, tree, arena, prev, arena, slots, None)
+                prev = slots
+            # the last attention step reads every position and writes asked ones only
+            n_at_last = len(tree.steps[last].parent)
+            small = w.W_E.new_empty((small_cap, B, Q, w.d_model))
+            self._step(last, keys, tree, arena, prev, small, np.arange(n_at_last), q_pos)
+            del arena
+            prev = np.arange(n_at_last)
+            first = last + 1
+        else:  # no attention in any plan: every component is per position
+            small = w.W_E.new_empty((small_cap, B, Q, w.d_model))
+            small[0] = blocks.embed(tokens, w, q_pos)
+            prev = np.zeros(1, np.int64)
+            first = 0
+        reduced_plan = assign_slots(tree, first, n_steps, prev)
+        for i, s in enumerate(range(first, n_steps)):
+            slots = reduced_plan.slots[i]
+            self._step(s, keys, tree, small, prev, small, slots, None)
+            prev = slots
+        # hand out the final states, one batch of distinct states at a time
+        final_slot = prev[tree.final_state]
+        uniq, row_of = np.unique(final_slot, return_inverse=True)
+        row_of = row_of.reshape(-1)
+        by_row = np.argsort(row_of, kind="stable")
+        for a in range(0, len(uniq), unembed_rows):
+            b = min(a + unembed_rows, len(uniq))
+            lo, hi = np.searchsorted(row_of[by_row], [a, b])
+            owners = by_row[lo:hi]
+            states = small.index_select(0, torch.as_tensor(uniq[a:b], device=small.device))
+            yield FinalStates(states, owners, row_of[owners] - a)
+
+    def _step(self, s: int, keys: StepKeys, tree: Tree, src: torch.Tensor, src_slots: np.ndarray,
+              dst: torch.Tensor, dst_slots: np.ndarray, q_pos: torch.Tensor | None) -> None:
+        """Make the states of step ``s`` in ``dst`` from those of step s-1 in ``src``.
+        With ``q_pos``, ``dst`` holds asked positions only (src has every position)."""
+        step = tree.steps[s]
+        dev = src.device
+        parent_slot = src_slots[step.parent]
+        if q_pos is not None:  # copies still have to move from src to the smaller dst
+            copy = np.nonzero(step.key == 0)[0]
+            for a in range(0, len(copy), self.max_rows):
+                c = copy[a:a + self.max_rows]
+                x = src.index_select(0, torch.as_tensor(parent_slot[c], device=dev))
+                dst[torch.as_tensor(dst_slots[c], device=dev)] = _at(x, q_pos)
+        comp = step.computed
+        if len(comp) == 0:
+            return
+        layer, is_attn = s // 2, s % 2 == 0
+        k = step.key[comp]
+        if is_attn:
+            ln = keys.attn_ln[layer][k]
+            heads = keys.attn_heads[layer][k]
+        else:
+            ln = keys.mlp_ln[k]
+            heads = None
+        # batch by (norm flag, parent) so one z serves every head subset of a parent
+        order = ln.astype(np.int64) * (len(src_slots) + 1) + step.parent[comp]
+        for batch in _batches(order, ln, self.max_rows):
+            children = comp[batch]
+            out_slots = torch.as_tensor(dst_slots[children], device=dev)
+            apply_ln = bool(ln[batch[0]])
+            if is_attn:
+                new = self._attention(src, parent_slot[children], heads[batch], layer, apply_ln,
+                                      q_pos)
+            else:
+                x = src.index_select(0, torch.as_tensor(parent_slot[children], device=dev))
+                new = x + blocks.mlp(blocks.normalize(x, self.w, layer, "ln2", apply_ln),
+                                     self.w, layer)
+            dst[out_slots] = new
+
+    def _attention(self, src: torch.Tensor, parent_slots: np.ndarray, heads: np.ndarray,
+                   layer: int, apply_ln: bool, q_pos: torch.Tensor | None) -> torch.Tensor:
+        """Residual + attention output for children with the given parents and
+        head masks; z is computed once per distinct parent."""
+        dev = src.device
+        uniq, group = np.unique(parent_slots, return_inverse=True)
+        x = src.index_select(0, torch.as_tensor(uniq, device=dev))
+        resid = x if q_pos is None else _at(x, q_pos)
+        group_t = torch.as_tensor(group.reshape(-1), device=dev)
+        has_heads = heads.any(axis=1)
+        out = self.w.b_O[layer].expand(len(parent_slots), *resid.shape[1:]).clone()
+        if has_heads.any():
+            need = np.unique(group.reshape(-1)[has_heads])
+            z = blocks.attention_z(
+                blocks.normalize(x[torch.as_tensor(need, device=dev)], self.w, layer, "ln1",
+                                 apply_ln),
+                self.w, layer, q_pos)
+            where = np.full(len(uniq), -1)
+            where[need] = np.arange(len(need))
+            sel = np.nonzero(has_heads)[0]
+            z_rows = torch.as_tensor(where[group.reshape(-1)[sel]], device=dev)
+            all_heads = bool(heads[sel].all())
+            mask = None if all_heads else torch.as_tensor(heads[sel], device=dev)
+            out[torch.as_tensor(sel, device=dev)] = blocks.attention_out(
+                z.index_select(0, z_rows), self.w, layer, mask)
+        return resid.index_select(0, group_t) + out
+
+
+def _at(x: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    """x [n, B, T, d] at positions q_pos [B, Q] -> [n, B, Q, d]."""
+    n, B, _, d = x.shape
+    idx = q_pos[None, :, :, None].expand(n, B, q_pos.shape[1], d)
+    return torch.gather(x, 2, idx)

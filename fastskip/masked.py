@@ -1,0 +1,56 @@
+"""The naive one-pass masked forward: every plan computes every component and
+multiplies its output by the plan's mask. No sharing, no skipping.
+
+It is the baseline the prefix tree is measured against (``Runner(...,
+strategy="masked")``) and an independent second implementation for tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from . import blocks
+from .execute import FinalStates
+from .planset import PlanSet
+from .weights import StackedWeights
+
+
+class MaskedExecutor:
+    """Runs ``chunk`` plans at a time as one batch of rows."""
+
+    def __init__(self, weights: StackedWeights, chunk: int = 64):
+        self.w = weights
+        self.chunk = max(1, int(chunk))
+
+    def run(self, plans: PlanSet, tokens: torch.Tensor, q_pos: torch.Tensor,
+            unembed_rows: int = 64) -> Iterator[FinalStates]:
+        step = max(1, min(self.chunk, unembed_rows))
+        for a in range(0, len(plans), step):
+            idx = np.arange(a, min(a + step, len(plans)))
+            states = self._forward(plans.take(idx), tokens, q_pos)
+            yield FinalStates(states, idx, np.arange(len(idx)))
+
+    def _forward(self, plans: PlanSet, tokens: torch.Tensor, q_pos: torch.Tensor
+                 ) -> torch.Tensor:
+        w = self.w
+        dev, dt = w.device, w.dtype
+        P = len(plans)
+        as_t = lambda a: torch.as_tensor(a, device=dev)  # noqa: E731
+        x = blocks.embed(tokens, w)[None].repeat(P, 1, 1, 1)  # [P, B, T, d]
+        for layer in range(w.n_layers):
+            attn_ln = as_t(plans.attn_ln[:, layer])[:, None, None, None]
+            x_in = torch.where(attn_ln, blocks.normalize(x, w, layer, "ln1", True),
+                               blocks.normalize(x, w, layer, "ln1", False))
+            z = blocks.attention_z(x_in, w, layer)
+            out = blocks.attention_out(z, w, layer, as_t(plans.heads[:, layer]))
+            x = x + out * as_t(plans.attn[:, layer]).to(dt)[:, None, None, None]
+            mlp_ln = as_t(plans.mlp_ln[:, layer])[:, None, None, None]
+            x_in = torch.where(mlp_ln, blocks.normalize(x, w, layer, "ln2", True),
+                               blocks.normalize(x, w, layer, "ln2", False))
+            x = x + blocks.mlp(x_in, w, layer) * as_t(plans.mlp[:, layer]).to(dt)[
+                :, None, None, None]
+        n, B, _, d = x.shape
+        return torch.gather(x, 2, q_pos[None, :, :, None].expand(n, B, q_pos.shape[1], d))

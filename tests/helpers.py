@@ -1,0 +1,28 @@
+"""Test helpers: the notebook's prompts and small random models."""
+
+from __future__ import annotations
+
+import torch
+
+from fastskip.models import random_gpt2_small
+
+PROMPTS = ["1 2 3 4", "January February March April", "one two three four",
+           "Sunday Monday Tuesday Wednesday", "A B C D", "5 6 7 8"]
+ANSWERS = [" 5", " May", " five", " Thursday", " E", " 9"]
+
+
+def small_model(seed: int = 0, normalization_type: str = "LNPre", **overrides):
+    """A 3-layer, 4-head, d_model 64 GPT-2-style model with the GPT-2 tokenizer."""
+    cfg = dict(n_layers=3, d_model=64, d_head=16, n_heads=4, d_mlp=256, n_ctx=64,
+               normalization_type=normalization_type)
+    cfg.update(overrides)
+    model = random_gpt2_small(seed=seed, **cfg)
+    if normalization_type == "LN":  # give the LayerNorm weights non-trivial values
+        gen = torch.Generator().manual_seed(seed + 7)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".w") and "ln" in name:
+                    p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+                elif name.endswith(".b") and "ln" in name:
+                    p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    return model
