@@ -78,29 +78,56 @@ def reference_logits(model: Any, plan: PlanLike, tokens: torch.Tensor) -> torch.
     return model.run_with_hooks(tokens, fwd_hooks=plan_hooks(bound), attention_mask=mask)
 
 
+def _float64_copy(model: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(model).to(torch.float64, print_details=False)
+
+
 @torch.no_grad()
-def check(runner: Any, plans: Any, tokens: torch.Tensor, atol: float = 1e-4) -> float:
+def check(runner: Any, plans: Any, tokens: torch.Tensor, atol: float = 1e-4,
+          arbitrate: bool = True) -> float:
     """Compare ``runner.logits`` with ``reference_logits`` for every plan.
 
-    Returns the largest absolute logit error; raises ``CheckError`` naming the
-    worst plan when it exceeds ``atol``.
+    Returns the largest absolute logit difference from the fp32 reference and
+    raises ``CheckError`` naming the worst failing plan. A plan fails when it
+    differs by more than ``atol`` *and* (with ``arbitrate``) a float64 run of the
+    reference shows the fast path further from exact than twice the fp32
+    reference's own error. The second test exists for ill-conditioned plans (e.g.
+    many /noln components let the residual stream grow by orders of magnitude):
+    there, fp32 round-off alone separates any two fp32 implementations by more
+    than 1e-4, TransformerLens's own fp32 result included.
     """
     ps: PlanSet = runner.plan_set(plans)
     fast = runner.logits(ps, tokens)
-    worst, worst_i, worst_at = -1.0, -1, (0, 0, 0)
+    model64 = None
+    worst, failures = 0.0, []
     for i, plan in enumerate(ps):
         ref = reference_logits(runner.model, plan, tokens).to(fast.device, torch.float32)
-        err = (fast[i].float() - ref).abs()
-        if torch.isnan(err).any():
+        diff = (fast[i].float() - ref).abs()
+        if torch.isnan(diff).any():
             raise CheckError(f"NaN in the logits of plan {i} '{plan}'")
-        e = float(err.max())
-        if e > worst:
-            worst, worst_i = e, i
-            worst_at = tuple(int(v) for v in torch.nonzero(err == err.max())[0])
-    if worst > atol:
-        b, t, v = worst_at
+        err = float(diff.max())
+        worst = max(worst, err)
+        if err <= atol:
+            continue
+        where = tuple(int(v) for v in torch.nonzero(diff == diff.max())[0])
+        if arbitrate:
+            model64 = model64 if model64 is not None else _float64_copy(runner.model)
+            exact = reference_logits(model64, plan, tokens).to(fast.device)
+            ours = float((fast[i].double() - exact).abs().max())
+            theirs = float((ref.double() - exact).abs().max())
+            if ours <= 2 * theirs:
+                continue
+            failures.append((err, i, where, f"; float64 says fastskip is {ours:.2g} from exact, "
+                                           f"TransformerLens fp32 {theirs:.2g}"))
+        else:
+            failures.append((err, i, where, ""))
+    if failures:
+        err, i, (b, t, v), extra = max(failures)
         raise CheckError(
-            f"plan {worst_i} '{ps.texts()[worst_i]}' differs from the TransformerLens reference "
-            f"by {worst:.3g} (> atol {atol:g}) at [prompt {b}, pos {t}, token {v}]"
+            f"plan {i} '{ps.texts()[i]}' differs from the TransformerLens reference by {err:.3g} "
+            f"(> atol {atol:g}) at [prompt {b}, pos {t}, token {v}]{extra}"
+            + (f" ({len(failures)} plans fail)" if len(failures) > 1 else "")
         )
     return worst

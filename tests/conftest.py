@@ -3,7 +3,16 @@ model (the benchmark model), all with random biases."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Triton decides at import time whether it interprets kernels, and importing
+# TransformerLens imports Triton: without a GPU, kernels run in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 import fastskip as fs
 from helpers import PROMPTS, small_model

@@ -1,0 +1,66 @@
+"""Triton MLP kernels vs their torch twins at GPT-2 small sizes (CUDA only).
+
+Run: ``pytest bench/bench_kernels.py --benchmark-columns=mean,stddev,rounds``.
+``benchmark.extra_info`` holds the achieved TFLOP/s (matmul FLOPs only) and the shapes.
+The swiglu op reuses the same sizes (a Llama-shaped MLP of GPT-2 width).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+try:
+    from fastskip import kernels as K
+except ImportError:  # a checkout that is not pip-installed
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import kernels as K
+
+M, D, F = 4096, 768, 3072  # GPT-2 small: tokens, d_model, d_mlp
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA device"),
+]
+
+
+def _inputs(op: str, dtype: torch.dtype) -> tuple[tuple, float]:
+    """Arguments of ``op`` and its matmul FLOP count."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (scale * torch.randn(*shape, generator=g, device="cuda")).to(dtype)
+
+    if op == "ln_pre_gelu_mlp_in":
+        return (rand(M, D), rand(D, F, scale=D**-0.5), rand(F, scale=0.1)), 2.0 * M * D * F
+    if op == "rms_pre_swiglu_mlp_in":
+        return (rand(M, D), rand(D, F, scale=D**-0.5), rand(D, F, scale=D**-0.5)), 4.0 * M * D * F
+    scale = torch.rand(M, generator=g, device="cuda")
+    args = (rand(M, F), rand(F, D, scale=F**-0.5), rand(D, scale=0.1), rand(M, D), scale)
+    return args, 2.0 * M * F * D
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["ln_pre_gelu_mlp_in", "rms_pre_swiglu_mlp_in", "mlp_out_residual"])
+def test_bench(benchmark, op: str, dtype: torch.dtype, impl: str) -> None:
+    if K.triton_unavailable_reason() is not None:
+        pytest.skip(K.triton_unavailable_reason())
+    fn: Callable[..., torch.Tensor] = getattr(K, op if impl == "triton" else f"{op}_torch")
+    args, flops = _inputs(op, dtype)
+    fn(*args)  # compile / warm up outside the timed rounds
+
+    def run() -> torch.Tensor:
+        out = fn(*args)
+        torch.cuda.synchronize()
+        return out
+
+    out = benchmark.pedantic(run, rounds=20, iterations=3, warmup_rounds=2)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    mean_s = benchmark.stats.stats.mean
+    benchmark.extra_info.update(tflops=flops / mean_s / 1e12, M=M, D=D, F=F, dtype=str(dtype))
