@@ -1,9 +1,10 @@
 """Block math over stacked weights: normalisation, attention, MLP, unembedding.
 
 Pure functions of tensors with a node axis in front (``x: [n, B, T, d]`` = n
-residual-stream states of B prompts), written for ``torch.compile``: no hooks,
-no data-dependent Python branches (the flags are Python bools that select a
-static graph), the same formulas TransformerLens uses.
+residual-stream states of B prompts), written for ``torch.compile``: weights
+come in as a ``LayerWeights`` tuple and the static numbers as a ``BlockConfig``
+(identical for every layer, so one compiled graph serves all layers), flags are
+Python bools that select a static graph, and the formulas are TransformerLens's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 
 import torch
 
-from .weights import StackedWeights
+from .weights import BlockConfig, LayerWeights, StackedWeights
 
 NEG_INF = float("-inf")
 
@@ -32,27 +33,22 @@ def activation(x: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {name}")
 
 
-def normalize(x: torch.Tensor, w: StackedWeights, layer: int | None, which: str,
-              apply: bool) -> torch.Tensor:
-    """The norm before a component (``which`` = "ln1", "ln2" or "lnf").
-
-    ``apply=False`` is ``/noln``: the normalisation is skipped, weights that
-    TransformerLens keeps after it (unfolded LN/RMS) still apply.
-    """
+def normalize(x: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+              cfg: BlockConfig, apply: bool) -> torch.Tensor:
+    """The norm before a component. ``apply=False`` is ``/noln``: the
+    normalisation is skipped; weights TransformerLens applies after it (unfolded
+    LN/RMS) still apply."""
     if apply:
         h = x.float()
-        if w.norm in ("LN", "LNPre"):
+        if cfg.norm in ("LN", "LNPre"):
             h = h - h.mean(-1, keepdim=True)
-        h = h / (h.pow(2).mean(-1, keepdim=True) + w.eps).sqrt()
-        h = h.to(x.dtype)
+        h = (h / (h.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()).to(x.dtype)
     else:
         h = x
-    scale = getattr(w, f"{which}_w")
-    bias = getattr(w, f"{which}_b")
     if scale is not None:
-        h = h * (scale if layer is None else scale[layer])
+        h = h * scale
     if bias is not None:
-        h = h + (bias if layer is None else bias[layer])
+        h = h + bias
     return h
 
 
@@ -67,67 +63,66 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: in
     return torch.cat([out, xp], dim=-1) if xp.shape[-1] else out
 
 
-def attention_z(x: torch.Tensor, w: StackedWeights, layer: int,
+def attention_z(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig, apply_ln: bool,
                 q_pos: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-head attention outputs z of normalised inputs.
-
-    x: [n, B, T, d]. ``q_pos`` [B, Q] restricts the queries to those positions
-    (keys/values still use every position); returns z [n, B, Q, H, dh]
-    (Q = T when q_pos is None).
-    """
-    n, B, T, _ = x.shape
-    H, K, dh = w.n_heads, w.n_kv_heads, w.d_head
-    if q_pos is None:
-        xq = x
-    else:
-        idx = q_pos[None, :, :, None].expand(n, B, q_pos.shape[1], x.shape[-1])
-        xq = torch.gather(x, 2, idx)
+    """Per-head attention outputs z from residual states x [n, B, T, d] (the
+    norm before attention is applied here). ``q_pos`` [B, Q] restricts the
+    queries to those positions (keys and values use every position); returns
+    z [n, B, Q, H, dh] (Q = T when q_pos is None)."""
+    x = normalize(x, lw.ln1_w, lw.ln1_b, cfg, apply_ln)
+    n, B, T, d = x.shape
+    H, K, dh = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+    xq = x if q_pos is None else at_positions(x, q_pos)
     Q = xq.shape[2]
-    q = (xq @ w.W_Q[layer] + w.b_Q[layer]).view(n, B, Q, H, dh)
-    kv = (x @ w.W_KV[layer] + w.b_KV[layer]).view(n, B, T, 2, K, dh)
+    q = (xq @ lw.W_Q + lw.b_Q).view(n, B, Q, H, dh)
+    kv = (x @ lw.W_KV + lw.b_KV).view(n, B, T, 2, K, dh)
     k, v = kv[:, :, :, 0], kv[:, :, :, 1]
-    if w.rotary_cos is not None:
+    if cfg.rotary_dim:
+        assert lw.rotary_cos is not None and lw.rotary_sin is not None
         pos_q = torch.arange(T, device=x.device) if q_pos is None else q_pos
-        cos_q, sin_q = w.rotary_cos[pos_q], w.rotary_sin[pos_q]  # [(B,) Q, r]
-        q = rotate(q, cos_q[..., None, :], sin_q[..., None, :], w.rotary_dim)
-        k = rotate(k, w.rotary_cos[:T, None, :], w.rotary_sin[:T, None, :], w.rotary_dim)
+        cos_q, sin_q = lw.rotary_cos[pos_q], lw.rotary_sin[pos_q]  # [(B,) Q, r]
+        q = rotate(q, cos_q[..., None, :], sin_q[..., None, :], cfg.rotary_dim)
+        k = rotate(k, lw.rotary_cos[:T, None, :], lw.rotary_sin[:T, None, :], cfg.rotary_dim)
     if K != H:  # grouped-query attention: each key/value head serves H/K query heads
         k = k.repeat_interleave(H // K, dim=3)
         v = v.repeat_interleave(H // K, dim=3)
     q = q.permute(0, 1, 3, 2, 4)  # [n, B, H, Q, dh]
     k = k.permute(0, 1, 3, 4, 2)  # [n, B, H, dh, T]
     v = v.permute(0, 1, 3, 2, 4)  # [n, B, H, T, dh]
-    scores = (q @ k) / w.attn_scale  # [n, B, H, Q, T]
+    scores = (q @ k) / cfg.attn_scale  # [n, B, H, Q, T]
     keys = torch.arange(T, device=x.device)
     if q_pos is None:
-        allowed = keys[None, :] <= keys[:, None]  # [Q, T]
-        allowed = allowed[None, None, None]
+        allowed = (keys[None, :] <= keys[:, None])[None, None, None]  # [1, 1, 1, T, T]
     else:
         allowed = (keys[None, None, :] <= q_pos[:, :, None])[None, :, None]  # [1, B, 1, Q, T]
-    scores = scores.masked_fill(~allowed, NEG_INF)
-    pattern = torch.softmax(scores, dim=-1)
-    z = pattern @ v  # [n, B, H, Q, dh]
-    return z.permute(0, 1, 3, 2, 4)  # [n, B, Q, H, dh]
+    pattern = torch.softmax(scores.masked_fill(~allowed, NEG_INF), dim=-1)
+    return (pattern @ v).permute(0, 1, 3, 2, 4)  # [n, B, Q, H, dh]
 
 
-def attention_out(z: torch.Tensor, w: StackedWeights, layer: int,
-                  head_mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention_out(z: torch.Tensor, lw: LayerWeights, head_mask: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """Attention output from z [n, B, Q, H, dh]; ``head_mask`` [n, H] keeps heads
     per node (the output bias b_O is always added)."""
     if head_mask is not None:
         z = z * head_mask[:, None, None, :, None].to(z.dtype)
-    flat = z.reshape(*z.shape[:3], -1)
-    return flat @ w.W_O[layer] + w.b_O[layer]
+    return z.reshape(*z.shape[:3], -1) @ lw.W_O + lw.b_O
 
 
-def mlp(x: torch.Tensor, w: StackedWeights, layer: int) -> torch.Tensor:
-    """MLP output of normalised inputs x [..., d]."""
-    pre = x @ w.W_in[layer] + w.b_in[layer]
-    if w.W_gate is not None:
-        hidden = activation(x @ w.W_gate[layer], w.act_fn) * pre
+def mlp(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig, apply_ln: bool) -> torch.Tensor:
+    """MLP output of residual states x [..., d] (its norm applied here)."""
+    x = normalize(x, lw.ln2_w, lw.ln2_b, cfg, apply_ln)
+    pre = x @ lw.W_in + lw.b_in
+    if lw.W_gate is not None:
+        hidden = activation(x @ lw.W_gate, cfg.act_fn) * pre
     else:
-        hidden = activation(pre, w.act_fn)
-    return hidden @ w.W_out[layer] + w.b_out[layer]
+        hidden = activation(pre, cfg.act_fn)
+    return hidden @ lw.W_out + lw.b_out
+
+
+def at_positions(x: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    """x [n, B, T, d] at positions q_pos [B, Q] -> [n, B, Q, d]."""
+    n, B, _, d = x.shape
+    return torch.gather(x, 2, q_pos[None, :, :, None].expand(n, B, q_pos.shape[1], d))
 
 
 def embed(tokens: torch.Tensor, w: StackedWeights, positions: torch.Tensor | None = None
@@ -146,4 +141,4 @@ def embed(tokens: torch.Tensor, w: StackedWeights, positions: torch.Tensor | Non
 
 def unembed(x: torch.Tensor, w: StackedWeights) -> torch.Tensor:
     """Final norm and unembedding: logits [..., d_vocab_out]."""
-    return normalize(x, w, None, "lnf", True) @ w.W_U + w.b_U
+    return normalize(x, w.lnf_w, w.lnf_b, w.config, True) @ w.W_U + w.b_U

@@ -19,6 +19,7 @@ import torch
 
 from . import blocks
 from .errors import MemoryBudgetError
+from .ops import StepOps
 from .planset import PlanSet
 from .schedule import StepKeys, Tree, assign_slots, build_tree, lexicographic_order, step_keys
 from .weights import StackedWeights
@@ -57,8 +58,9 @@ def _batches(order: np.ndarray, group: np.ndarray, max_rows: int) -> list[np.nda
 class TreeExecutor:
     """Runs plan sets over stacked weights with prefix sharing."""
 
-    def __init__(self, weights: StackedWeights, max_rows: int = 256):
+    def __init__(self, weights: StackedWeights, max_rows: int = 256, ops: StepOps | None = None):
         self.w = weights
+        self.ops = ops or StepOps(weights)
         self.max_rows = max(1, int(max_rows))  # states per matmul batch
 
     # -- planning ----------------------------------------------------------
@@ -168,7 +170,7 @@ class TreeExecutor:
             for a in range(0, len(copy), self.max_rows):
                 c = copy[a:a + self.max_rows]
                 x = src.index_select(0, torch.as_tensor(parent_slot[c], device=dev))
-                dst[torch.as_tensor(dst_slots[c], device=dev)] = _at(x, q_pos)
+                dst[torch.as_tensor(dst_slots[c], device=dev)] = blocks.at_positions(x, q_pos)
         comp = step.computed
         if len(comp) == 0:
             return
@@ -191,8 +193,7 @@ class TreeExecutor:
                                       q_pos)
             else:
                 x = src.index_select(0, torch.as_tensor(parent_slot[children], device=dev))
-                new = x + blocks.mlp(blocks.normalize(x, self.w, layer, "ln2", apply_ln),
-                                     self.w, layer)
+                new = self.ops.mlp_update(x, layer, apply_ln)
             dst[out_slots] = new
 
     def _attention(self, src: torch.Tensor, parent_slots: np.ndarray, heads: np.ndarray,
@@ -201,30 +202,23 @@ class TreeExecutor:
         head masks; z is computed once per distinct parent."""
         dev = src.device
         uniq, group = np.unique(parent_slots, return_inverse=True)
+        group = group.reshape(-1)
         x = src.index_select(0, torch.as_tensor(uniq, device=dev))
-        resid = x if q_pos is None else _at(x, q_pos)
-        group_t = torch.as_tensor(group.reshape(-1), device=dev)
+        resid = x if q_pos is None else blocks.at_positions(x, q_pos)
+        new = resid.index_select(0, torch.as_tensor(group, device=dev))
         has_heads = heads.any(axis=1)
-        out = self.w.b_O[layer].expand(len(parent_slots), *resid.shape[1:]).clone()
+        if not has_heads.all():  # every head removed: only the output bias remains
+            bias_only = torch.as_tensor(np.nonzero(~has_heads)[0], device=dev)
+            new[bias_only] += self.w.b_O[layer]
         if has_heads.any():
-            need = np.unique(group.reshape(-1)[has_heads])
-            z = blocks.attention_z(
-                blocks.normalize(x[torch.as_tensor(need, device=dev)], self.w, layer, "ln1",
-                                 apply_ln),
-                self.w, layer, q_pos)
+            need = np.unique(group[has_heads])
+            z = self.ops.attention_z(x.index_select(0, torch.as_tensor(need, device=dev)),
+                                     layer, apply_ln, q_pos)
             where = np.full(len(uniq), -1)
             where[need] = np.arange(len(need))
             sel = np.nonzero(has_heads)[0]
-            z_rows = torch.as_tensor(where[group.reshape(-1)[sel]], device=dev)
-            all_heads = bool(heads[sel].all())
-            mask = None if all_heads else torch.as_tensor(heads[sel], device=dev)
-            out[torch.as_tensor(sel, device=dev)] = blocks.attention_out(
-                z.index_select(0, z_rows), self.w, layer, mask)
-        return resid.index_select(0, group_t) + out
-
-
-def _at(x: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
-    """x [n, B, T, d] at positions q_pos [B, Q] -> [n, B, Q, d]."""
-    n, B, _, d = x.shape
-    idx = q_pos[None, :, :, None].expand(n, B, q_pos.shape[1], d)
-    return torch.gather(x, 2, idx)
+            z = z.index_select(0, torch.as_tensor(where[group[sel]], device=dev))
+            mask = None if heads[sel].all() else torch.as_tensor(heads[sel], device=dev)
+            sel_t = torch.as_tensor(sel, device=dev)
+            new[sel_t] = self.ops.attention_update(new[sel_t], z, layer, mask)
+        return new

@@ -14,6 +14,7 @@ import torch
 
 from . import blocks
 from .execute import FinalStates
+from .ops import StepOps
 from .planset import PlanSet
 from .weights import StackedWeights
 
@@ -21,8 +22,9 @@ from .weights import StackedWeights
 class MaskedExecutor:
     """Runs ``chunk`` plans at a time as one batch of rows."""
 
-    def __init__(self, weights: StackedWeights, chunk: int = 64):
+    def __init__(self, weights: StackedWeights, chunk: int = 64, ops: StepOps | None = None):
         self.w = weights
+        self.ops = ops or StepOps(weights)
         self.chunk = max(1, int(chunk))
 
     def run(self, plans: PlanSet, tokens: torch.Tensor, q_pos: torch.Tensor,
@@ -41,16 +43,18 @@ class MaskedExecutor:
         as_t = lambda a: torch.as_tensor(a, device=dev)  # noqa: E731
         x = blocks.embed(tokens, w)[None].repeat(P, 1, 1, 1)  # [P, B, T, d]
         for layer in range(w.n_layers):
-            attn_ln = as_t(plans.attn_ln[:, layer])[:, None, None, None]
-            x_in = torch.where(attn_ln, blocks.normalize(x, w, layer, "ln1", True),
-                               blocks.normalize(x, w, layer, "ln1", False))
-            z = blocks.attention_z(x_in, w, layer)
-            out = blocks.attention_out(z, w, layer, as_t(plans.heads[:, layer]))
+            lw, cfg = w.layer(layer), w.config
+            z = blocks.attention_z(x, lw, cfg, True)
+            if not plans.attn_ln[:, layer].all():  # /noln plans: select per plan
+                attn_ln = as_t(plans.attn_ln[:, layer])[:, None, None, None, None]
+                z = torch.where(attn_ln, z, blocks.attention_z(x, lw, cfg, False))
+            out = blocks.attention_out(z, lw, as_t(plans.heads[:, layer]))
             x = x + out * as_t(plans.attn[:, layer]).to(dt)[:, None, None, None]
-            mlp_ln = as_t(plans.mlp_ln[:, layer])[:, None, None, None]
-            x_in = torch.where(mlp_ln, blocks.normalize(x, w, layer, "ln2", True),
-                               blocks.normalize(x, w, layer, "ln2", False))
-            x = x + blocks.mlp(x_in, w, layer) * as_t(plans.mlp[:, layer]).to(dt)[
-                :, None, None, None]
+            keep = as_t(plans.mlp[:, layer]).to(dt)
+            noln = as_t(~plans.mlp_ln[:, layer]).to(dt)
+            x_in = x
+            x = self.ops.mlp_update(x_in, layer, True, keep * (1 - noln))
+            if noln.any():
+                x = x + blocks.mlp(x_in, lw, cfg, False) * (keep * noln)[:, None, None, None]
         n, B, _, d = x.shape
         return torch.gather(x, 2, q_pos[None, :, :, None].expand(n, B, q_pos.shape[1], d))

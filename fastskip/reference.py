@@ -11,6 +11,7 @@ weights TransformerLens applies after that hook still apply.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -84,32 +85,46 @@ def _float64_copy(model: Any) -> Any:
     return copy.deepcopy(model).to(torch.float64, print_details=False)
 
 
-@torch.no_grad()
-def check(runner: Any, plans: Any, tokens: torch.Tensor, atol: float = 1e-4,
-          arbitrate: bool = True) -> float:
-    """Compare ``runner.logits`` with ``reference_logits`` for every plan.
+@dataclass
+class CheckReport:
+    """Per-plan comparison with the reference (see ``check``)."""
 
-    Returns the largest absolute logit difference from the fp32 reference and
-    raises ``CheckError`` naming the worst failing plan. A plan fails when it
-    differs by more than ``atol`` *and* (with ``arbitrate``) a float64 run of the
-    reference shows the fast path further from exact than twice the fp32
-    reference's own error. The second test exists for ill-conditioned plans (e.g.
-    many /noln components let the residual stream grow by orders of magnitude):
-    there, fp32 round-off alone separates any two fp32 implementations by more
-    than 1e-4, TransformerLens's own fp32 result included.
-    """
+    plans: list[str]
+    errors: list[float]  # max |fast - reference fp32| per plan (finite logits)
+    arbitrated: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # plan index -> (fastskip's, TransformerLens fp32's) max error against float64
+    failures: list[tuple[float, int, tuple[int, ...], str]] = field(default_factory=list)
+
+    @property
+    def max_error(self) -> float:
+        return max(self.errors) if self.errors else 0.0
+
+
+@torch.no_grad()
+def check_report(runner: Any, plans: Any, tokens: torch.Tensor, atol: float = 1e-4,
+                 rtol: float = 0.0, arbitrate: bool = True) -> CheckReport:
+    """Compare every plan with the reference; see ``check`` for the rules."""
     ps: PlanSet = runner.plan_set(plans)
     fast = runner.logits(ps, tokens)
     model64 = None
-    worst, failures = 0.0, []
+    report = CheckReport(plans=ps.texts(), errors=[])
     for i, plan in enumerate(ps):
         ref = reference_logits(runner.model, plan, tokens).to(fast.device, torch.float32)
-        diff = (fast[i].float() - ref).abs()
-        if torch.isnan(diff).any():
-            raise CheckError(f"NaN in the logits of plan {i} '{plan}'")
+        mine = fast[i].float()
+        finite = torch.isfinite(ref)
+        # overflow (inf/NaN) must happen in both or in neither, and be the same
+        same_nonfinite = (~finite & ~torch.isfinite(mine)
+                          & ((mine == ref) | (torch.isnan(mine) & torch.isnan(ref))))
+        if not bool((finite | same_nonfinite).all() and torch.isfinite(mine[finite]).all()):
+            report.errors.append(float("inf"))
+            report.failures.append((float("inf"), i, (0, 0, 0), "; the fast path and the "
+                                    "reference disagree on which logits are finite (inf/NaN)"))
+            continue
+        diff = torch.where(finite, (mine - ref).abs(), torch.zeros_like(ref))
         err = float(diff.max())
-        worst = max(worst, err)
-        if err <= atol:
+        report.errors.append(err)
+        scale = float(ref[finite].abs().max()) if finite.any() else 0.0
+        if err <= atol + rtol * scale:
             continue
         where = tuple(int(v) for v in torch.nonzero(diff == diff.max())[0])
         if arbitrate:
@@ -118,16 +133,37 @@ def check(runner: Any, plans: Any, tokens: torch.Tensor, atol: float = 1e-4,
             ours = float((fast[i].double() - exact).abs().max())
             theirs = float((ref.double() - exact).abs().max())
             if ours <= 2 * theirs:
+                report.arbitrated[i] = (ours, theirs)
                 continue
-            failures.append((err, i, where, f"; float64 says fastskip is {ours:.2g} from exact, "
-                                           f"TransformerLens fp32 {theirs:.2g}"))
+            report.failures.append((err, i, where, f"; float64 says fastskip is {ours:.2g} "
+                                    f"from exact, TransformerLens fp32 {theirs:.2g}"))
         else:
-            failures.append((err, i, where, ""))
-    if failures:
-        err, i, (b, t, v), extra = max(failures)
+            report.failures.append((err, i, where, ""))
+    return report
+
+
+@torch.no_grad()
+def check(runner: Any, plans: Any, tokens: torch.Tensor, atol: float = 1e-4,
+          rtol: float = 0.0, arbitrate: bool = True) -> float:
+    """Compare ``runner.logits`` with ``reference_logits`` for every plan.
+
+    Returns the largest absolute logit difference from the fp32 reference and
+    raises ``CheckError`` naming the worst failing plan. A plan fails when it
+    differs by more than ``atol + rtol * max|reference logit|`` *and* (with
+    ``arbitrate``) a float64 run of the reference shows the fast path further
+    from exact than twice the fp32 reference's own error. The second test exists
+    for ill-conditioned plans (e.g. many /noln components let the residual
+    stream grow by orders of magnitude): there, fp32 round-off alone separates
+    any two fp32 implementations by more than 1e-4, TransformerLens's own fp32
+    result included. Overflow (inf/NaN) must match the reference exactly.
+    """
+    report = check_report(runner, plans, tokens, atol, rtol, arbitrate)
+    if report.failures:
+        err, i, (b, t, v), extra = max(report.failures)
         raise CheckError(
-            f"plan {i} '{ps.texts()[i]}' differs from the TransformerLens reference by {err:.3g} "
-            f"(> atol {atol:g}) at [prompt {b}, pos {t}, token {v}]{extra}"
-            + (f" ({len(failures)} plans fail)" if len(failures) > 1 else "")
+            f"plan {i} '{report.plans[i]}' differs from the TransformerLens reference by "
+            f"{err:.3g} (> atol {atol:g} + rtol {rtol:g} x logit scale) at [prompt {b}, pos {t}, "
+            f"token {v}]{extra}"
+            + (f" ({len(report.failures)} plans fail)" if len(report.failures) > 1 else "")
         )
-    return worst
+    return report.max_error

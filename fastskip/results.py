@@ -32,6 +32,8 @@ class Results:
     topk_logits: torch.Tensor  # [P, N, A, k]
     topk_probs: torch.Tensor  # [P, N, A, k]
     model_name: str = ""
+    logit_diff: torch.Tensor | None = None  # [P, N] answer - wrong answer (first tokens)
+    kl: torch.Tensor | None = None  # [P, N] KL(full model || plan) at the first answer position
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -66,6 +68,10 @@ class Results:
             "logit": pick(self.logit),
             "prob": pick(self.prob),
         })
+        for name in ("logit_diff", "kl"):
+            values = getattr(self, name)
+            if values is not None:
+                df[name] = values.cpu().numpy()[:, n_idx].reshape(-1)
         k = self.topk_ids.shape[-1] if top_k is None else min(top_k, self.topk_ids.shape[-1])
         if k:
             ids = self.topk_ids.cpu().numpy()[:, n_idx, a_idx, :k].reshape(-1, k)

@@ -8,7 +8,7 @@ per-call weight copies (TransformerLens re-copies ``W_U.T`` on every forward).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -88,6 +88,41 @@ def architecture_of(cfg: Any) -> str:
     return arch
 
 
+class BlockConfig(NamedTuple):
+    """The static numbers of a block (the same for every layer)."""
+
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    norm: str  # "LN", "LNPre", "RMS", "RMSPre"
+    eps: float
+    act_fn: str
+    attn_scale: float
+    rotary_dim: int  # 0 = learned absolute positions
+
+
+class LayerWeights(NamedTuple):
+    """One layer's slice of ``StackedWeights`` (views, no copies)."""
+
+    W_Q: torch.Tensor
+    b_Q: torch.Tensor
+    W_KV: torch.Tensor
+    b_KV: torch.Tensor
+    W_O: torch.Tensor
+    b_O: torch.Tensor
+    W_in: torch.Tensor
+    b_in: torch.Tensor
+    W_gate: torch.Tensor | None
+    W_out: torch.Tensor
+    b_out: torch.Tensor
+    ln1_w: torch.Tensor | None
+    ln1_b: torch.Tensor | None
+    ln2_w: torch.Tensor | None
+    ln2_b: torch.Tensor | None
+    rotary_cos: torch.Tensor | None
+    rotary_sin: torch.Tensor | None
+
+
 @dataclass
 class StackedWeights:
     """Per-layer weights stacked along a leading layer axis.
@@ -137,6 +172,21 @@ class StackedWeights:
     rotary_cos: torch.Tensor | None = None  # [n_ctx, rotary_dim]
     rotary_sin: torch.Tensor | None = None
     rotary_dim: int = 0
+
+    @property
+    def config(self) -> BlockConfig:
+        return BlockConfig(self.n_heads, self.n_kv_heads, self.d_head, self.norm, self.eps,
+                           self.act_fn, self.attn_scale, self.rotary_dim)
+
+    def layer(self, L: int) -> LayerWeights:
+        """Views of layer ``L``'s weights."""
+        at = lambda t: None if t is None else t[L]  # noqa: E731
+        return LayerWeights(
+            self.W_Q[L], self.b_Q[L], self.W_KV[L], self.b_KV[L], self.W_O[L], self.b_O[L],
+            self.W_in[L], self.b_in[L], at(self.W_gate), self.W_out[L], self.b_out[L],
+            at(self.ln1_w), at(self.ln1_b), at(self.ln2_w), at(self.ln2_b),
+            self.rotary_cos, self.rotary_sin,
+        )
 
     @property
     def device(self) -> torch.device:

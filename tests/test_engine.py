@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastskip as fs
-from fastskip.reference import reference_logits
+from fastskip.reference import check_report, reference_logits
 from helpers import ANSWERS, PROMPTS, small_model
 
 ATOL = 1e-4
@@ -191,6 +191,31 @@ def test_300_random_plans_of_every_kind_on_gpt2_small_random(gpt2_runner, gpt2_r
     plans = fs.grid.concat(*[fs.grid.random_plans(50, 12, 12, seed=100 + i, kinds=k)
                              for i, k in enumerate(KINDS)])
     assert len(plans) == 300
-    err = fs.check(gpt2_runner, plans, tokens, atol=ATOL)
-    assert err <= ATOL
-    print(f"max |logit error| over 300 plans: {err:.2e}")
+    report = check_report(gpt2_runner, plans, tokens, atol=ATOL)
+    assert not report.failures, report.failures[:3]
+    plain = [e for i, e in enumerate(report.errors) if i not in report.arbitrated]
+    assert max(plain) <= ATOL
+    # plans above 1e-4 are ill-conditioned /noln plans where TransformerLens fp32 is itself
+    # that far from float64; fastskip is within 2x of its error (check's arbitration)
+    for i, (ours, theirs) in report.arbitrated.items():
+        assert "noln" in report.plans[i] and theirs > ATOL / 2 and ours <= 2 * theirs
+    assert len(report.arbitrated) <= 10
+    print(f"\nmax |logit error| over {len(plain)} plans: {max(plain):.2e}; "
+          f"{len(report.arbitrated)} ill-conditioned /noln plans arbitrated in float64: "
+          f"{sorted(report.arbitrated.values())}")
+
+
+def test_logit_diff_and_kl(tiny, tiny_runner):
+    res = tiny_runner.run(["all", "0,2"], ["1 2 3 4", "A B C"], [" 5", " D"],
+                          wrong_answers=[" 4", " C"], kl=True)
+    tokens = tiny.to_tokens(["1 2 3 4"])
+    for i, plan in enumerate(["all", "0,2"]):
+        row = reference_logits(tiny, plan, tokens)[0, -1]
+        five, four = tiny.to_single_token(" 5"), tiny.to_single_token(" 4")
+        assert abs(float(res.logit_diff[i, 0]) - float(row[five] - row[four])) <= ATOL
+        full = reference_logits(tiny, "all", tokens)[0, -1].log_softmax(-1)
+        want = float((full.exp() * (full - row.log_softmax(-1))).sum())
+        assert abs(float(res.kl[i, 0]) - want) <= 1e-5
+    assert abs(float(res.kl[0].max())) <= 1e-5  # the full model against itself
+    df = res.to_pandas()
+    assert {"logit_diff", "kl"} <= set(df.columns)
