@@ -19,10 +19,11 @@ from .errors import FastskipError, InputError
 from .execute import FinalStates, TreeExecutor
 from .inputs import PromptBatch, check_tokens, make_batch
 from .masked import MaskedExecutor
-from .metrics import answer_metrics
+from .metrics import MetricTables
 from .ops import StepOps, want_kernels
 from .plan import PlanLike
 from .planset import PlanSet
+from .precision import REDUCED, run_with_exact_ranks
 from .results import Results
 from .weights import stack_weights
 
@@ -91,12 +92,14 @@ class Runner:
             on stderr and in ``runner.compile_seconds``).
         kernels: use the fused Triton MLP kernels (default: on CUDA when the
             model's MLP is covered; see ``fastskip.kernels``).
+        exact_ranks: with dtype bfloat16/float16, recompute in fp32 every plan
+            whose rank the reduced precision leaves ambiguous (``fastskip.precision``).
     """
 
     def __init__(self, model: Any, *, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, max_memory: int | str | None = None,
                  strategy: str = "tree", compile: bool | None = None,
-                 kernels: bool | None = None, verbose: bool = True):
+                 kernels: bool | None = None, verbose: bool = True, exact_ranks: bool = True):
         if strategy not in STRATEGIES:
             raise FastskipError(f"strategy must be one of {STRATEGIES}, got '{strategy}'")
         self.model = model
@@ -109,6 +112,19 @@ class Runner:
             compile = self.device.type == "cuda"
         self.ops = StepOps(self.weights, compile=bool(compile),
                            kernels=want_kernels(self.weights, kernels), verbose=verbose)
+        self.exact_ranks = exact_ranks and self.dtype in REDUCED
+        self._options = dict(max_memory=self.max_memory, strategy=strategy, compile=compile,
+                             kernels=kernels, verbose=verbose)
+        self._exact: Runner | None = None
+
+    def exact_runner(self) -> Runner:
+        """An fp32 runner over the same model and device (made once, on demand)."""
+        if self.dtype == torch.float32:
+            return self
+        if self._exact is None:
+            self._exact = Runner(self.model, device=self.device, dtype=torch.float32,
+                                 **self._options)  # type: ignore[arg-type]
+        return self._exact
 
     @property
     def compile_seconds(self) -> float:
@@ -205,7 +221,18 @@ class Runner:
             wrong = make_batch(self.model, prompts, wrong_answers, prepend_bos=prepend_bos,
                                prepend_space_to_answer=prepend_space_to_answer,
                                device=self.device).answer_ids[:, 0]
+        if self.exact_ranks:
+            return run_with_exact_ranks(self, ps, batch, top_k, wrong, kl, progress)
         return self._run_batch(ps, batch, top_k, wrong, kl, progress)
+
+    def asked_logits(self, ps: PlanSet, batch: PromptBatch) -> torch.Tensor:
+        """Logits [P, N, A, V] at the answer positions of ``batch``."""
+        out = torch.empty((len(ps), *batch.answer_ids.shape, self.weights.d_vocab_out),
+                          dtype=self.dtype, device=self.device)
+        for fs in self.final_states(ps, batch.tokens, batch.q_pos):
+            out[torch.as_tensor(fs.plans, device=self.device)] = blocks.unembed(
+                fs.states, self.weights)[torch.as_tensor(fs.row_of, device=self.device)]
+        return out
 
     def _full_logprobs(self, batch: PromptBatch) -> torch.Tensor:
         """Log-probabilities [N, V] of the full model at the first answer positions."""
@@ -215,55 +242,27 @@ class Runner:
 
     def _run_batch(self, ps: PlanSet, batch: PromptBatch, top_k: int,
                    wrong: torch.Tensor | None = None, kl: bool = False,
-                   progress: bool | None = None) -> Results:
-        P, (N, A) = len(ps), batch.answer_ids.shape
+                   progress: bool | None = None, window: float = 0.0) -> Results:
         k = min(top_k, self.weights.d_vocab_out)
-        dev = self.device
-        rank = torch.full((P, N, A), -1, dtype=torch.long, device=dev)
-        logit = torch.full((P, N, A), float("nan"), device=dev)
-        logprob = torch.full((P, N, A), float("nan"), device=dev)
-        topk_ids = torch.full((P, N, A, k), -1, dtype=torch.long, device=dev)
-        topk_logits = torch.full((P, N, A, k), float("nan"), device=dev)
-        topk_logprobs = torch.full((P, N, A, k), float("nan"), device=dev)
-        extra: dict[str, torch.Tensor] = {}
-        if wrong is not None:
-            extra["wrong_logit"] = torch.full((P, N), float("nan"), device=dev)
-        if kl:
-            extra["kl"] = torch.full((P, N), float("nan"), device=dev)
-            full_lp = self._full_logprobs(batch)
-        for fs in with_progress(self.final_states(ps, batch.tokens, batch.q_pos), P, progress,
-                                "plans"):
-            m = fs.states.shape[0]
-            logits = blocks.unembed(fs.states, self.weights).reshape(m * N * A, -1)
-            met = answer_metrics(logits, batch.answer_ids.reshape(-1).repeat(m), k)
-            plans_t = torch.as_tensor(fs.plans, device=dev)
-            rows_t = torch.as_tensor(fs.row_of, device=dev)
-            first = logits.view(m, N, A, -1)[:, :, 0]  # [m, N, V] at the first answer position
-            if wrong is not None:
-                wl = first.gather(2, wrong[None, :, None].expand(m, N, 1))[..., 0].float()
-                extra["wrong_logit"][plans_t] = wl[rows_t]
-            if kl:
-                lp = first.float().log_softmax(-1)
-                div = (full_lp.exp()[None] * (full_lp[None] - lp)).sum(-1)
-                extra["kl"][plans_t] = div[rows_t]
-            rank[plans_t] = met.rank.view(m, N, A)[rows_t]
-            logit[plans_t] = met.logit.view(m, N, A)[rows_t]
-            logprob[plans_t] = met.logprob.view(m, N, A)[rows_t]
-            topk_ids[plans_t] = met.topk_ids.view(m, N, A, k)[rows_t]
-            topk_logits[plans_t] = met.topk_logits.view(m, N, A, k)[rows_t]
-            topk_logprobs[plans_t] = met.topk_logprobs.view(m, N, A, k)[rows_t]
+        N, A = batch.answer_ids.shape
+        tables = MetricTables(len(ps), batch.answer_ids, k, wrong,
+                              self._full_logprobs(batch) if kl else None, window)
+        for fs in with_progress(self.final_states(ps, batch.tokens, batch.q_pos), len(ps),
+                                progress, "plans"):
+            logits = blocks.unembed(fs.states, self.weights)
+            tables.add(logits, torch.as_tensor(fs.plans, device=self.device),
+                       torch.as_tensor(fs.row_of, device=self.device))
         self.ops.report_compile()
-        pad = ~batch.answer_mask
-        rank[:, pad] = -1
-        for t in (logit, logprob):
-            t[:, pad] = float("nan")
-        topk_ids[:, pad] = -1
+        tables.mask_padding(batch.answer_mask)
+        logit_diff = None
+        if tables.wrong_logit is not None:
+            logit_diff = tables.logit[:, :, 0] - tables.wrong_logit
         return Results(
-            plans=ps.texts(), prompts=batch.prompts, answers=batch.answers,
+            plans=ps.lazy_texts(), prompts=batch.prompts, answers=batch.answers,
             answer_str_tokens=batch.answer_str_tokens, prompt_str_tokens=batch.prompt_str_tokens,
-            answer_ids=batch.answer_ids, answer_mask=batch.answer_mask, rank=rank, logit=logit,
-            prob=logprob.exp(), topk_ids=topk_ids, topk_logits=topk_logits,
-            topk_probs=topk_logprobs.exp(), model_name=self.model_name,
-            logit_diff=(logit[:, :, 0] - extra["wrong_logit"]) if wrong is not None else None,
-            kl=extra.get("kl"), info={"compile_seconds": self.compile_seconds},
+            answer_ids=batch.answer_ids, answer_mask=batch.answer_mask, rank=tables.rank,
+            logit=tables.logit, prob=tables.logprob.exp(), topk_ids=tables.topk_ids,
+            topk_logits=tables.topk_logits, topk_probs=tables.topk_logprobs.exp(),
+            model_name=self.model_name, logit_diff=logit_diff, kl=tables.kl,
+            info={"compile_seconds": self.compile_seconds, "ambiguous": tables.ambiguous},
         )

@@ -106,13 +106,13 @@ def component_subsets(components: Sequence[str], n_layers: int, n_heads: int,
 
 def random_plans(n: int, n_layers: int, n_heads: int, seed: int = 0,
                  kinds: Sequence[str] = ("block", "attn", "mlp", "heads", "noln"),
-                 p_keep: float = 0.7) -> PlanSet:
+                 p_keep: float = 0.7, p_noln: float = 0.5) -> PlanSet:
     """``n`` random plans mixing the item kinds in ``kinds``.
 
     Each plan draws one kind per layer from ``kinds``: "block" keeps the block
     with probability ``p_keep``; "attn"/"mlp" keep only that part; "heads" keeps
     a random head subset (sometimes empty: bias only) and the MLP at random;
-    "noln" is a kept block with random /noln flags.
+    "noln" is a kept block whose norms are each skipped with probability ``p_noln``.
     """
     rng = np.random.default_rng(seed)
     allowed = [k for k in kinds if k in ("block", "attn", "mlp", "heads", "noln")]
@@ -136,8 +136,8 @@ def random_plans(n: int, n_layers: int, n_heads: int, seed: int = 0,
             heads[sel] = rng.random((int(sel.sum()), n_heads)) < 0.5
             mlp[sel] = rng.random(int(sel.sum())) < 0.5
         elif name == "noln":
-            attn_ln[sel] = rng.random(int(sel.sum())) < 0.5
-            mlp_ln[sel] = rng.random(int(sel.sum())) < 0.5
+            attn_ln[sel] = rng.random(int(sel.sum())) >= p_noln
+            mlp_ln[sel] = rng.random(int(sel.sum())) >= p_noln
     heads &= attn[:, :, None]
     return PlanSet(attn, heads, mlp, attn_ln, mlp_ln)
 

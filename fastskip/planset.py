@@ -118,19 +118,24 @@ class PlanSet(Sequence[Plan]):
             out._texts = [self._texts[i] for i in idx]
         return out
 
+    def text(self, i: int) -> str:
+        """Canonical text of plan ``i`` (cached)."""
+        if self._texts is not None:
+            return self._texts[i]
+        cache = self.__dict__.setdefault("_text_cache", {})
+        if i not in cache:
+            cache[i] = str(self[i])
+        return cache[i]
+
     def texts(self) -> list[str]:
         """Canonical text of every plan (computed once, then cached)."""
         if self._texts is None:
-            cache: dict[bytes, str] = {}
-            texts = []
-            for i in range(len(self)):
-                m = self.mask(i)
-                k = m.key()
-                if k not in cache:
-                    cache[k] = str(Plan.from_mask(m))
-                texts.append(cache[k])
-            self._texts = texts
+            self._texts = [self.text(i) for i in range(len(self))]
         return self._texts
+
+    def lazy_texts(self) -> PlanTexts:
+        """The plans' canonical texts as a sequence computed on access."""
+        return PlanTexts(self)
 
     def __repr__(self) -> str:
         heads = "whole attention layers" if self._any_heads else f"{self.n_heads} heads"
@@ -143,3 +148,34 @@ class PlanSet(Sequence[Plan]):
                    for f in ("attn", "heads", "mlp", "attn_ln", "mlp_ln"))
 
     __hash__ = None  # type: ignore[assignment]
+
+
+class PlanTexts(Sequence[str]):
+    """Canonical plan texts of a PlanSet, each computed when first read (a grid
+    of 65,536 plans should not pay for 65,536 texts nobody prints)."""
+
+    def __init__(self, plans: PlanSet):
+        self._plans = plans
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self._plans.text(j) for j in range(len(self))[i]]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"plan index {i} out of range for {n} plans")
+        return self._plans.text(int(i) % n)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other,
+                                                                          strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        head = ", ".join(repr(self[i]) for i in range(min(3, len(self))))
+        return f"PlanTexts([{head}{', ...' if len(self) > 3 else ''}] ({len(self)} plans))"

@@ -3,6 +3,7 @@ answer token for every plan and prompt, as tensors and as a DataFrame."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ class Results:
     ``answer_mask`` False, rank -1, logit/prob NaN and top-k ids -1.
     """
 
-    plans: list[str]
+    plans: Sequence[str]  # canonical plan texts (computed when read)
     prompts: list[str]
     answers: list[str]
     answer_str_tokens: list[list[str]]
@@ -50,7 +51,7 @@ class Results:
         n_idx, a_idx = np.nonzero(mask)
         P = self.n_plans
         rows = len(n_idx)
-        plan_col = np.repeat(np.asarray(self.plans, dtype=object), rows)
+        plan_col = np.repeat(np.asarray(list(self.plans), dtype=object), rows)
         prompt_col = np.tile(np.asarray(self.prompts, dtype=object)[n_idx], P)
         answer_col = np.tile(np.asarray(self.answers, dtype=object)[n_idx], P)
         token_col = np.tile(np.array([self.answer_str_tokens[n][a]
