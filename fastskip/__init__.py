@@ -10,6 +10,7 @@ Importing fastskip loads neither TransformerLens nor a model.
 """
 
 from . import grid
+from .ablation import Ablation
 from .engine import Runner
 from .errors import (
     CheckError,
@@ -29,7 +30,7 @@ from .results import Results
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckError", "FastskipError", "InputError", "MemoryBudgetError", "Plan", "PlanError",
+    "Ablation", "CheckError", "FastskipError", "InputError", "MemoryBudgetError", "Plan", "PlanError",
     "PlanMask", "PlanSet", "Results", "Runner", "UnsupportedModelError", "check", "grid",
     "load_model", "plan_hooks", "reference_logits", "test_prompt",
 ]

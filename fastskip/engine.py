@@ -15,6 +15,13 @@ import numpy as np
 import torch
 
 from . import blocks
+from .ablation import (
+    Ablation,
+    Sources,
+    as_ablation,
+    sources_for_batch,
+    sources_for_tokens,
+)
 from .errors import FastskipError, InputError
 from .execute import FinalStates, TreeExecutor
 from .inputs import PromptBatch, check_tokens, make_batch
@@ -149,10 +156,11 @@ class Runner:
         return PlanSet.from_plans(plans, self.n_layers, self.n_heads)
 
     # -- core ----------------------------------------------------------------
-    def final_states(self, plans: PlanSet, tokens: torch.Tensor, q_pos: torch.Tensor
-                     ) -> Iterator[FinalStates]:
+    def final_states(self, plans: PlanSet, tokens: torch.Tensor, q_pos: torch.Tensor,
+                     sources: Sources | None = None) -> Iterator[FinalStates]:
         """Final residual streams of every plan at positions ``q_pos`` [B, Q],
-        in batches sized to the memory budget."""
+        in batches sized to the memory budget; ``sources`` = what skipped
+        components contribute (None: zero ablation)."""
         w = self.weights
         B, T = tokens.shape
         Q = q_pos.shape[1]
@@ -166,27 +174,37 @@ class Runner:
         per_final = B * Q * w.d_vocab_out * (elem + 4 + 1 + 4)
         unembed_rows = int(np.clip(budget // 4 // max(per_final, 1), 1, 4096))
         if self.strategy == "masked":
-            return MaskedExecutor(w, chunk=max_rows, ops=self.ops).run(plans, tokens, q_pos,
-                                                                      unembed_rows)
+            return MaskedExecutor(w, chunk=max_rows, ops=self.ops).run(
+                plans, tokens, q_pos, unembed_rows, sources)
         return TreeExecutor(w, max_rows=max_rows, ops=self.ops).run(
-            plans, tokens, q_pos, unembed_rows, arena_bytes=budget // 2)
+            plans, tokens, q_pos, unembed_rows, arena_bytes=budget // 2, sources=sources)
+
+    def sources(self, ablation: Ablation | None, batch: PromptBatch) -> Sources | None:
+        """What skipped components contribute for this batch (None: zero)."""
+        if ablation is None:
+            return None
+        return sources_for_batch(ablation, self.model, self.weights, batch)
 
     @torch.no_grad()
     def logits(self, plans: PlansLike, tokens: torch.Tensor, last_only: bool = False,
-               progress: bool | None = None) -> torch.Tensor:
+               progress: bool | None = None, ablation: Ablation | str | None = None
+               ) -> torch.Tensor:
         """Logits of every plan: [P, B, T, d_vocab] (``last_only``: [P, B, d_vocab]).
 
         tokens: LongTensor [B, T] (or [T]); all positions are real tokens.
+        ``ablation``: "zero" (default) or an ``fs.Ablation`` given as tokens.
         """
         ps = self.plan_set(plans)
         tokens = check_tokens(tokens, self.weights.d_vocab, self.weights.n_ctx, self.device)
+        abl = as_ablation(ablation)
+        sources = None if abl is None else sources_for_tokens(abl, self.weights, tokens)
         B, T = tokens.shape
         pos = torch.arange(T, device=self.device)
         q_pos = (pos[-1:] if last_only else pos)[None].expand(B, -1).contiguous()
         out = torch.empty((len(ps), B, q_pos.shape[1], self.weights.d_vocab_out),
                           dtype=self.dtype, device=self.device)
-        for fs in with_progress(self.final_states(ps, tokens, q_pos), len(ps), progress,
-                                "logits"):
+        for fs in with_progress(self.final_states(ps, tokens, q_pos, sources), len(ps),
+                                progress, "logits"):
             logits = blocks.unembed(fs.states, self.weights)
             out[torch.as_tensor(fs.plans, device=self.device)] = logits[
                 torch.as_tensor(fs.row_of, device=self.device)]
@@ -198,7 +216,7 @@ class Runner:
             prepend_bos: bool | None = None, top_k: int = 10,
             prepend_space_to_answer: bool = False,
             wrong_answers: str | Sequence[str] | None = None, kl: bool = False,
-            progress: bool | None = None) -> Results:
+            progress: bool | None = None, ablation: Ablation | str | None = None) -> Results:
         """Rank / logit / probability / top-k of every answer token, for every plan.
 
         Multi-token answers are teacher-forced (each answer token is predicted
@@ -210,6 +228,8 @@ class Runner:
         token, at the first answer position. ``kl=True`` adds ``Results.kl``
         [P, N]: KL(full model || plan) of the next-token distributions there.
         ``progress``: a progress bar (default: on a terminal, for >= 256 plans).
+        ``ablation``: what skipped components contribute: "zero" (default) or
+        ``fs.Ablation.mean(prompts)`` / ``fs.Ablation.resample(corrupted_prompts)``.
         """
         ps = self.plan_set(plans)
         batch = make_batch(self.model, prompts, answers, prepend_bos=prepend_bos,
@@ -221,15 +241,18 @@ class Runner:
             wrong = make_batch(self.model, prompts, wrong_answers, prepend_bos=prepend_bos,
                                prepend_space_to_answer=prepend_space_to_answer,
                                device=self.device).answer_ids[:, 0]
+        abl = as_ablation(ablation)
         if self.exact_ranks:
-            return run_with_exact_ranks(self, ps, batch, top_k, wrong, kl, progress)
-        return self._run_batch(ps, batch, top_k, wrong, kl, progress)
+            return run_with_exact_ranks(self, ps, batch, top_k, wrong, kl, progress, abl)
+        return self._run_batch(ps, batch, top_k, wrong, kl, progress, ablation=abl)
 
-    def asked_logits(self, ps: PlanSet, batch: PromptBatch) -> torch.Tensor:
+    def asked_logits(self, ps: PlanSet, batch: PromptBatch, ablation: Ablation | None = None
+                     ) -> torch.Tensor:
         """Logits [P, N, A, V] at the answer positions of ``batch``."""
         out = torch.empty((len(ps), *batch.answer_ids.shape, self.weights.d_vocab_out),
                           dtype=self.dtype, device=self.device)
-        for fs in self.final_states(ps, batch.tokens, batch.q_pos):
+        sources = self.sources(ablation, batch)
+        for fs in self.final_states(ps, batch.tokens, batch.q_pos, sources):
             out[torch.as_tensor(fs.plans, device=self.device)] = blocks.unembed(
                 fs.states, self.weights)[torch.as_tensor(fs.row_of, device=self.device)]
         return out
@@ -242,13 +265,15 @@ class Runner:
 
     def _run_batch(self, ps: PlanSet, batch: PromptBatch, top_k: int,
                    wrong: torch.Tensor | None = None, kl: bool = False,
-                   progress: bool | None = None, window: float = 0.0) -> Results:
+                   progress: bool | None = None, window: float = 0.0,
+                   ablation: Ablation | None = None) -> Results:
         k = min(top_k, self.weights.d_vocab_out)
         N, A = batch.answer_ids.shape
         tables = MetricTables(len(ps), batch.answer_ids, k, wrong,
                               self._full_logprobs(batch) if kl else None, window)
-        for fs in with_progress(self.final_states(ps, batch.tokens, batch.q_pos), len(ps),
-                                progress, "plans"):
+        sources = self.sources(ablation, batch)
+        for fs in with_progress(self.final_states(ps, batch.tokens, batch.q_pos, sources),
+                                len(ps), progress, "plans"):
             logits = blocks.unembed(fs.states, self.weights)
             tables.add(logits, torch.as_tensor(fs.plans, device=self.device),
                        torch.as_tensor(fs.row_of, device=self.device))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import blocks
+from .ablation import Sources
 from .errors import MemoryBudgetError
 from .ops import StepOps
 from .planset import PlanSet
@@ -65,26 +66,27 @@ class TreeExecutor:
 
     # -- planning ----------------------------------------------------------
     @staticmethod
-    def arena_sizes(tree: Tree) -> tuple[int, int, int]:
+    def arena_sizes(tree: Tree, free_skips: bool = True) -> tuple[int, int, int]:
         """(last attention step, full-position slots, asked-position slots)."""
         last = tree.last_attention_step()
         n_steps = len(tree.steps)
+        start = np.zeros(1, np.int64)
         if last < 0:
-            return last, 0, max(assign_slots(tree, 0, n_steps, np.zeros(1, np.int64)).capacity, 1)
-        full = assign_slots(tree, 0, last, np.zeros(1, np.int64)).capacity
+            return last, 0, max(assign_slots(tree, 0, n_steps, start, free_skips).capacity, 1)
+        full = assign_slots(tree, 0, last, start, free_skips).capacity
         n_at_last = len(tree.steps[last].parent)
-        reduced = assign_slots(tree, last + 1, n_steps, np.arange(n_at_last)).capacity
+        reduced = assign_slots(tree, last + 1, n_steps, np.arange(n_at_last), free_skips).capacity
         return last, max(full, 1), max(reduced, n_at_last)
 
-    def chunks(self, keys: StepKeys, full_bytes: int, small_bytes: int, budget: int
-               ) -> Iterator[tuple[np.ndarray, Tree]]:
+    def chunks(self, keys: StepKeys, full_bytes: int, small_bytes: int, budget: int,
+               free_skips: bool = True) -> Iterator[tuple[np.ndarray, Tree]]:
         """Split the plans (in lexicographic key order, so that each chunk is a
         few whole subtrees) until each chunk's arenas fit in ``budget`` bytes."""
         pending = [lexicographic_order(keys.keys)]
         while pending:
             idx = pending.pop(0)
             tree = build_tree(keys.keys[idx])
-            _, full, small = self.arena_sizes(tree)
+            _, full, small = self.arena_sizes(tree, free_skips)
             need = full * full_bytes + small * small_bytes
             if need <= budget:
                 yield idx, tree
@@ -100,39 +102,46 @@ class TreeExecutor:
 
     # -- running -----------------------------------------------------------
     def run(self, plans: PlanSet, tokens: torch.Tensor, q_pos: torch.Tensor,
-            unembed_rows: int = 64, arena_bytes: int = 2**30) -> Iterator[FinalStates]:
+            unembed_rows: int = 64, arena_bytes: int = 2**30, sources: Sources | None = None
+            ) -> Iterator[FinalStates]:
         """Yield the final states of every plan, in batches of at most
         ``unembed_rows`` distinct states. tokens [B, T]; q_pos [B, Q] positions
-        to keep; the state arenas stay within ``arena_bytes``."""
+        to keep; the state arenas stay within ``arena_bytes``. ``sources``: what
+        skipped components contribute (mean/resample ablation; None = zero)."""
+        self.sources = sources
+        self.sources_q = sources.at(q_pos) if sources is not None else None
         keys = step_keys(plans)
         B, T = tokens.shape
         elem = self.w.dtype.itemsize if hasattr(self.w.dtype, "itemsize") else 4
         full_bytes = B * T * self.w.d_model * elem
         small_bytes = B * q_pos.shape[1] * self.w.d_model * elem
-        for idx, tree in self.chunks(keys, full_bytes, small_bytes, arena_bytes):
+        for idx, tree in self.chunks(keys, full_bytes, small_bytes, arena_bytes,
+                                     sources is None):
             for fs in self._run_tree(keys, tree, tokens, q_pos, unembed_rows):
                 yield FinalStates(fs.states, idx[fs.plans], fs.row_of)
 
     def _run_tree(self, keys: StepKeys, tree: Tree, tokens: torch.Tensor, q_pos: torch.Tensor,
                   unembed_rows: int) -> Iterator[FinalStates]:
         w = self.w
-        last, full_cap, small_cap = self.arena_sizes(tree)
+        free = self.sources is None
+        last, full_cap, small_cap = self.arena_sizes(tree, free)
         n_steps = len(tree.steps)
         B, T = tokens.shape
         Q = q_pos.shape[1]
         if last >= 0:
-            full_plan = assign_slots(tree, 0, last, np.zeros(1, np.int64))
+            full_plan = assign_slots(tree, 0, last, np.zeros(1, np.int64), free)
             arena = w.W_E.new_empty((full_cap, B, T, w.d_model))
             arena[0] = blocks.embed(tokens, w)
             prev = np.zeros(1, np.int64)
             for s in range(0, last):
                 slots = full_plan.slots[s]
-                self._step(s, keys, tree, arena, prev, arena, slots, None)
+                self._step(s, keys, tree, arena, prev, arena, slots, None, self.sources)
                 prev = slots
             # the last attention step reads every position and writes asked ones only
             n_at_last = len(tree.steps[last].parent)
             small = w.W_E.new_empty((small_cap, B, Q, w.d_model))
-            self._step(last, keys, tree, arena, prev, small, np.arange(n_at_last), q_pos)
+            self._step(last, keys, tree, arena, prev, small, np.arange(n_at_last), q_pos,
+                       self.sources_q)
             del arena
             prev = np.arange(n_at_last)
             first = last + 1
@@ -141,10 +150,10 @@ class TreeExecutor:
             small[0] = blocks.embed(tokens, w, q_pos)
             prev = np.zeros(1, np.int64)
             first = 0
-        reduced_plan = assign_slots(tree, first, n_steps, prev)
+        reduced_plan = assign_slots(tree, first, n_steps, prev, free)
         for i, s in enumerate(range(first, n_steps)):
             slots = reduced_plan.slots[i]
-            self._step(s, keys, tree, small, prev, small, slots, None)
+            self._step(s, keys, tree, small, prev, small, slots, None, self.sources_q)
             prev = slots
         # hand out the final states, one batch of distinct states at a time
         final_slot = prev[tree.final_state]
@@ -159,22 +168,27 @@ class TreeExecutor:
             yield FinalStates(states, owners, row_of[owners] - a)
 
     def _step(self, s: int, keys: StepKeys, tree: Tree, src: torch.Tensor, src_slots: np.ndarray,
-              dst: torch.Tensor, dst_slots: np.ndarray, q_pos: torch.Tensor | None) -> None:
+              dst: torch.Tensor, dst_slots: np.ndarray, q_pos: torch.Tensor | None,
+              sources: Sources | None) -> None:
         """Make the states of step ``s`` in ``dst`` from those of step s-1 in ``src``.
-        With ``q_pos``, ``dst`` holds asked positions only (src has every position)."""
+        With ``q_pos``, ``dst`` holds asked positions only (src has every position);
+        ``sources`` (at dst's positions) is what a skipped component adds."""
         step = tree.steps[s]
         dev = src.device
         parent_slot = src_slots[step.parent]
-        if q_pos is not None:  # copies still have to move from src to the smaller dst
-            copy = np.nonzero(step.key == 0)[0]
-            for a in range(0, len(copy), self.max_rows):
-                c = copy[a:a + self.max_rows]
+        layer, is_attn = s // 2, s % 2 == 0
+        skipped = np.nonzero(step.key == 0)[0]
+        if len(skipped) and (q_pos is not None or sources is not None):
+            add = None if sources is None else (sources.attn if is_attn else sources.mlp)[layer]
+            for a in range(0, len(skipped), self.max_rows):
+                c = skipped[a:a + self.max_rows]
                 x = src.index_select(0, torch.as_tensor(parent_slot[c], device=dev))
-                dst[torch.as_tensor(dst_slots[c], device=dev)] = blocks.at_positions(x, q_pos)
+                if q_pos is not None:
+                    x = blocks.at_positions(x, q_pos)
+                dst[torch.as_tensor(dst_slots[c], device=dev)] = x if add is None else x + add
         comp = step.computed
         if len(comp) == 0:
             return
-        layer, is_attn = s // 2, s % 2 == 0
         k = step.key[comp]
         if is_attn:
             ln = keys.attn_ln[layer][k]
@@ -190,16 +204,18 @@ class TreeExecutor:
             apply_ln = bool(ln[batch[0]])
             if is_attn:
                 new = self._attention(src, parent_slot[children], heads[batch], layer, apply_ln,
-                                      q_pos)
+                                      q_pos, sources)
             else:
                 x = src.index_select(0, torch.as_tensor(parent_slot[children], device=dev))
                 new = self.ops.mlp_update(x, layer, apply_ln)
             dst[out_slots] = new
 
     def _attention(self, src: torch.Tensor, parent_slots: np.ndarray, heads: np.ndarray,
-                   layer: int, apply_ln: bool, q_pos: torch.Tensor | None) -> torch.Tensor:
+                   layer: int, apply_ln: bool, q_pos: torch.Tensor | None,
+                   sources: Sources | None) -> torch.Tensor:
         """Residual + attention output for children with the given parents and
-        head masks; z is computed once per distinct parent."""
+        head masks; z is computed once per distinct parent. Removed heads take
+        the source's z (zero ablation: nothing)."""
         dev = src.device
         uniq, group = np.unique(parent_slots, return_inverse=True)
         group = group.reshape(-1)
@@ -207,9 +223,9 @@ class TreeExecutor:
         resid = x if q_pos is None else blocks.at_positions(x, q_pos)
         new = resid.index_select(0, torch.as_tensor(group, device=dev))
         has_heads = heads.any(axis=1)
-        if not has_heads.all():  # every head removed: only the output bias remains
-            bias_only = torch.as_tensor(np.nonzero(~has_heads)[0], device=dev)
-            new[bias_only] += self.w.b_O[layer]
+        if not has_heads.all():  # every head removed: the output bias (+ the source's heads)
+            none = torch.as_tensor(np.nonzero(~has_heads)[0], device=dev)
+            new[none] += self.w.b_O[layer] if sources is None else sources.attn[layer]
         if has_heads.any():
             need = np.unique(group[has_heads])
             z = self.ops.attention_z(x.index_select(0, torch.as_tensor(need, device=dev)),
@@ -219,6 +235,9 @@ class TreeExecutor:
             sel = np.nonzero(has_heads)[0]
             z = z.index_select(0, torch.as_tensor(where[group[sel]], device=dev))
             mask = None if heads[sel].all() else torch.as_tensor(heads[sel], device=dev)
+            if mask is not None and sources is not None:
+                z = torch.where(mask[:, None, None, :, None], z, sources.z[layer])
+                mask = None
             sel_t = torch.as_tensor(sel, device=dev)
             new[sel_t] = self.ops.attention_update(new[sel_t], z, layer, mask)
         return new

@@ -33,6 +33,7 @@ class PromptBatch:
     q_pos: torch.Tensor  # [N, A]
     prompt_str_tokens: list[list[str]]
     answer_str_tokens: list[list[str]]
+    prepend_bos: bool = True
 
     @property
     def n_prompts(self) -> int:
@@ -120,7 +121,7 @@ def make_batch(model: Any, prompts: str | Sequence[str], answers: str | Sequence
         answer_ids=answer_ids.to(device), answer_mask=answer_mask.to(device),
         q_pos=q_pos.to(device),
         prompt_str_tokens=[str_tok(r[:pl]) for r, pl in zip(rows, p_lens, strict=True)],
-        answer_str_tokens=[str_tok(a) for a in a_ids],
+        answer_str_tokens=[str_tok(a) for a in a_ids], prepend_bos=prepend_bos,
     )
 
 

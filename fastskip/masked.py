@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import blocks
+from .ablation import Sources
 from .execute import FinalStates
 from .ops import StepOps
 from .planset import PlanSet
@@ -28,15 +29,15 @@ class MaskedExecutor:
         self.chunk = max(1, int(chunk))
 
     def run(self, plans: PlanSet, tokens: torch.Tensor, q_pos: torch.Tensor,
-            unembed_rows: int = 64) -> Iterator[FinalStates]:
+            unembed_rows: int = 64, sources: Sources | None = None) -> Iterator[FinalStates]:
         step = max(1, min(self.chunk, unembed_rows))
         for a in range(0, len(plans), step):
             idx = np.arange(a, min(a + step, len(plans)))
-            states = self._forward(plans.take(idx), tokens, q_pos)
+            states = self._forward(plans.take(idx), tokens, q_pos, sources)
             yield FinalStates(states, idx, np.arange(len(idx)))
 
-    def _forward(self, plans: PlanSet, tokens: torch.Tensor, q_pos: torch.Tensor
-                 ) -> torch.Tensor:
+    def _forward(self, plans: PlanSet, tokens: torch.Tensor, q_pos: torch.Tensor,
+                 sources: Sources | None) -> torch.Tensor:
         w = self.w
         dev, dt = w.device, w.dtype
         P = len(plans)
@@ -48,13 +49,20 @@ class MaskedExecutor:
             if not plans.attn_ln[:, layer].all():  # /noln plans: select per plan
                 attn_ln = as_t(plans.attn_ln[:, layer])[:, None, None, None, None]
                 z = torch.where(attn_ln, z, blocks.attention_z(x, lw, cfg, False))
-            out = blocks.attention_out(z, lw, as_t(plans.heads[:, layer]))
-            x = x + out * as_t(plans.attn[:, layer]).to(dt)[:, None, None, None]
+            heads = as_t(plans.heads[:, layer])
+            on = as_t(plans.attn[:, layer]).to(dt)[:, None, None, None]
+            if sources is None:
+                x = x + blocks.attention_out(z, lw, heads) * on
+            else:  # removed heads take the source's z, a skipped layer the source's output
+                z = torch.where(heads[:, None, None, :, None], z, sources.z[layer])
+                x = x + blocks.attention_out(z, lw) * on + sources.attn[layer] * (1 - on)
             keep = as_t(plans.mlp[:, layer]).to(dt)
             noln = as_t(~plans.mlp_ln[:, layer]).to(dt)
             x_in = x
             x = self.ops.mlp_update(x_in, layer, True, keep * (1 - noln))
             if noln.any():
                 x = x + blocks.mlp(x_in, lw, cfg, False) * (keep * noln)[:, None, None, None]
+            if sources is not None:
+                x = x + sources.mlp[layer] * (1 - keep)[:, None, None, None]
         n, B, _, d = x.shape
         return torch.gather(x, 2, q_pos[None, :, :, None].expand(n, B, q_pos.shape[1], d))

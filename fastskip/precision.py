@@ -32,12 +32,13 @@ def sample_plans(n: int, k: int = SAMPLE) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, num=min(k, n)).round().astype(np.int64))
 
 
-def measure_error(low: Any, exact: Any, ps: PlanSet, batch: PromptBatch) -> float:
+def measure_error(low: Any, exact: Any, ps: PlanSet, batch: PromptBatch,
+                  ablation: Any = None) -> float:
     """Max |reduced - fp32| logit over the vocabulary at the asked positions."""
     idx = sample_plans(len(ps))
     sample = ps.take(idx)
-    lo = low.asked_logits(sample, batch).float()
-    hi = exact.asked_logits(sample, batch).float()
+    lo = low.asked_logits(sample, batch, ablation).float()
+    hi = exact.asked_logits(sample, batch, ablation).float()
     valid = batch.answer_mask[None, :, :, None]
     return float(torch.where(valid, (lo - hi).abs(), torch.zeros_like(lo)).max())
 
@@ -55,17 +56,19 @@ def splice(res: Results, other: Results, plans: np.ndarray) -> None:
 
 
 def run_with_exact_ranks(runner: Any, ps: PlanSet, batch: PromptBatch, top_k: int,
-                         wrong: torch.Tensor | None, kl: bool, progress: bool | None
-                         ) -> Results:
+                         wrong: torch.Tensor | None, kl: bool, progress: bool | None,
+                         ablation: Any = None) -> Results:
     """``runner._run_batch`` in reduced precision, with fp32 ranks (see module doc)."""
     exact = runner.exact_runner()
-    measured = measure_error(runner, exact, ps, batch)
+    measured = measure_error(runner, exact, ps, batch, ablation)
     bound = SAFETY * max(measured, torch.finfo(torch.float32).eps)
-    res = runner._run_batch(ps, batch, top_k, wrong, kl, progress, window=2 * bound)
+    res = runner._run_batch(ps, batch, top_k, wrong, kl, progress, window=2 * bound,
+                            ablation=ablation)
     ambiguous = res.info["ambiguous"].flatten(1).any(dim=1).cpu().numpy()
     redo = np.nonzero(ambiguous)[0]
     if len(redo):
-        fixed = exact._run_batch(ps.take(redo), batch, top_k, wrong, kl, progress)
+        fixed = exact._run_batch(ps.take(redo), batch, top_k, wrong, kl, progress,
+                                 ablation=ablation)
         splice(res, fixed, redo)
     res.info.update(measured_error=measured, error_bound=bound, recomputed_plans=int(len(redo)),
                     ambiguous_rows=int(res.info["ambiguous"].sum()), dtype=str(runner.dtype))

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .ablation import as_ablation
 from .errors import CheckError
 from .inputs import check_tokens
 from .plan import Plan, PlanLike
@@ -24,13 +25,20 @@ from .planset import PlanSet
 Hook = tuple[str, Callable[..., Any]]
 
 
-def plan_hooks(plan: Plan) -> list[Hook]:
-    """TransformerLens forward hooks that make the full model compute ``plan``."""
+def plan_hooks(plan: Plan, sources: dict[str, torch.Tensor] | None = None) -> list[Hook]:
+    """TransformerLens forward hooks that make the full model compute ``plan``.
+
+    ``sources`` (from ``reference_sources``) maps hook names to what a skipped
+    component or removed head contributes (mean/resample ablation); without it
+    skipped components contribute zero.
+    """
     m = plan.mask
     hooks: list[Hook] = []
     captured: dict[str, torch.Tensor] = {}
 
     def zero(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        if sources is not None:
+            return sources[hook.name].to(act.dtype).expand_as(act)
         return torch.zeros_like(act)
 
     def capture(key: str) -> Callable[..., Any]:
@@ -46,7 +54,9 @@ def plan_hooks(plan: Plan) -> list[Hook]:
 
     def keep_heads(keep: torch.Tensor) -> Callable[..., Any]:
         def fn(z: torch.Tensor, hook: Any) -> torch.Tensor:
-            return z * keep.to(device=z.device, dtype=z.dtype)[None, None, :, None]
+            keep_z = keep.to(device=z.device)[None, None, :, None]
+            other = torch.zeros_like(z) if sources is None else sources[hook.name].to(z.dtype)
+            return torch.where(keep_z, z, other)
         return fn
 
     for L in range(m.n_layers):
@@ -67,16 +77,46 @@ def plan_hooks(plan: Plan) -> list[Hook]:
     return hooks
 
 
+SOURCE_HOOKS = ("hook_attn_out", "attn.hook_z", "hook_mlp_out")
+
+
 @torch.no_grad()
-def reference_logits(model: Any, plan: PlanLike, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits [B, T, d_vocab] of ``plan`` computed by TransformerLens with hooks."""
+def reference_sources(model: Any, ablation: Any, tokens: torch.Tensor
+                      ) -> dict[str, torch.Tensor] | None:
+    """Per-hook ablation values for ``tokens`` [B, T], computed with
+    TransformerLens's own forward (``run_with_cache``) on the ablation's source
+    tokens: the mean over source rows (mean) or the row itself (resample)."""
+    abl = as_ablation(ablation)
+    if abl is None:
+        return None
+    if abl.tokens is None:
+        raise CheckError("reference_logits takes ablations given as tokens")
+    src = abl.tokens.to(tokens.device)
+    if abl.kind == "resample" and src.shape != tokens.shape:
+        raise CheckError(f"resample tokens {tuple(src.shape)} must match {tuple(tokens.shape)}")
+    T = tokens.shape[1]
+    _, cache = model.run_with_cache(src[:, :T], attention_mask=torch.ones_like(src[:, :T]),
+                                    names_filter=lambda n: n.endswith(SOURCE_HOOKS))
+    out = {}
+    for name, act in cache.items():
+        out[name] = act.mean(0, keepdim=True) if abl.kind == "mean" else act
+    return out
+
+
+@torch.no_grad()
+def reference_logits(model: Any, plan: PlanLike, tokens: torch.Tensor, ablation: Any = None
+                     ) -> torch.Tensor:
+    """Logits [B, T, d_vocab] of ``plan`` computed by TransformerLens with hooks
+    (``ablation``: "zero" or an ``fs.Ablation`` given as tokens)."""
     cfg = model.cfg
     bound = (Plan.parse(plan) if isinstance(plan, str) else plan).bind(cfg.n_layers, cfg.n_heads)
     device = next(model.parameters()).device
     tokens = check_tokens(tokens, cfg.d_vocab, cfg.n_ctx, device)
+    sources = reference_sources(model, ablation, tokens)
     # an explicit all-ones mask: no position is treated as padding
     mask = torch.ones_like(tokens)
-    return model.run_with_hooks(tokens, fwd_hooks=plan_hooks(bound), attention_mask=mask)
+    return model.run_with_hooks(tokens, fwd_hooks=plan_hooks(bound, sources),
+                                attention_mask=mask)
 
 
 def _float64_copy(model: Any) -> Any:
@@ -102,14 +142,16 @@ class CheckReport:
 
 @torch.no_grad()
 def check_report(runner: Any, plans: Any, tokens: torch.Tensor, atol: float = 1e-4,
-                 rtol: float = 0.0, arbitrate: bool = True) -> CheckReport:
+                 rtol: float = 0.0, arbitrate: bool = True, ablation: Any = None
+                 ) -> CheckReport:
     """Compare every plan with the reference; see ``check`` for the rules."""
     ps: PlanSet = runner.plan_set(plans)
-    fast = runner.logits(ps, tokens)
+    fast = runner.logits(ps, tokens, ablation=ablation)
     model64 = None
     report = CheckReport(plans=ps.texts(), errors=[])
     for i, plan in enumerate(ps):
-        ref = reference_logits(runner.model, plan, tokens).to(fast.device, torch.float32)
+        ref = reference_logits(runner.model, plan, tokens, ablation).to(fast.device,
+                                                                         torch.float32)
         mine = fast[i].float()
         finite = torch.isfinite(ref)
         # overflow (inf/NaN) must happen in both or in neither, and be the same
@@ -129,7 +171,7 @@ def check_report(runner: Any, plans: Any, tokens: torch.Tensor, atol: float = 1e
         where = tuple(int(v) for v in torch.nonzero(diff == diff.max())[0])
         if arbitrate:
             model64 = model64 if model64 is not None else _float64_copy(runner.model)
-            exact = reference_logits(model64, plan, tokens).to(fast.device)
+            exact = reference_logits(model64, plan, tokens, ablation).to(fast.device)
             ours = float((fast[i].double() - exact).abs().max())
             theirs = float((ref.double() - exact).abs().max())
             if ours <= 2 * theirs:
@@ -144,7 +186,7 @@ def check_report(runner: Any, plans: Any, tokens: torch.Tensor, atol: float = 1e
 
 @torch.no_grad()
 def check(runner: Any, plans: Any, tokens: torch.Tensor, atol: float = 1e-4,
-          rtol: float = 0.0, arbitrate: bool = True) -> float:
+          rtol: float = 0.0, arbitrate: bool = True, ablation: Any = None) -> float:
     """Compare ``runner.logits`` with ``reference_logits`` for every plan.
 
     Returns the largest absolute logit difference from the fp32 reference and
@@ -156,8 +198,9 @@ def check(runner: Any, plans: Any, tokens: torch.Tensor, atol: float = 1e-4,
     stream grow by orders of magnitude): there, fp32 round-off alone separates
     any two fp32 implementations by more than 1e-4, TransformerLens's own fp32
     result included. Overflow (inf/NaN) must match the reference exactly.
+    ``ablation``: "zero" (default) or an ``fs.Ablation`` given as tokens.
     """
-    report = check_report(runner, plans, tokens, atol, rtol, arbitrate)
+    report = check_report(runner, plans, tokens, atol, rtol, arbitrate, ablation)
     if report.failures:
         err, i, (b, t, v), extra = max(report.failures)
         raise CheckError(

@@ -127,16 +127,18 @@ class SlotPlan:
     capacity: int
 
 
-def assign_slots(tree: Tree, first: int, stop: int, start_slots: np.ndarray) -> SlotPlan:
+def assign_slots(tree: Tree, first: int, stop: int, start_slots: np.ndarray,
+                 free_skips: bool = True) -> SlotPlan:
     """Arena slots for steps ``first .. stop-1`` whose input states (the states
-    of step ``first - 1``) sit in ``start_slots``."""
+    of step ``first - 1``) sit in ``start_slots``. ``free_skips=False`` (mean
+    or resample ablation) gives skipped components a slot of their own too."""
     prev = np.asarray(start_slots, dtype=np.int64)
     capacity = int(prev.max()) + 1 if len(prev) else 0
     out = []
     for s in range(first, stop):
         step = tree.steps[s]
         slot = np.empty(len(step.parent), dtype=np.int64)
-        copy = step.key == 0
+        copy = (step.key == 0) if free_skips else np.zeros(len(step.key), dtype=bool)
         slot[copy] = prev[step.parent[copy]]
         children = np.bincount(step.parent, minlength=len(prev))
         inplace = ~copy & (children[step.parent] == 1)
