@@ -9,7 +9,7 @@ pass over stacked weights, checked against TransformerLens.
 Importing fastskip loads neither TransformerLens nor a model.
 """
 
-from . import grid
+from . import grid, io, plot, sweep
 from .ablation import Ablation
 from .engine import Runner
 from .errors import (
@@ -30,7 +30,7 @@ from .results import Results
 __version__ = "0.1.0"
 
 __all__ = [
-    "Ablation", "CheckError", "FastskipError", "InputError", "MemoryBudgetError", "Plan", "PlanError",
-    "PlanMask", "PlanSet", "Results", "Runner", "UnsupportedModelError", "check", "grid",
-    "load_model", "plan_hooks", "reference_logits", "test_prompt",
+    "Ablation", "CheckError", "FastskipError", "InputError", "MemoryBudgetError", "Plan",
+    "PlanError", "PlanMask", "PlanSet", "Results", "Runner", "UnsupportedModelError", "check",
+    "grid", "io", "load_model", "plan_hooks", "plot", "reference_logits", "sweep", "test_prompt",
 ]

@@ -1,25 +1,23 @@
 """The main job: the notebook's plans on the notebook's prompts, in one call,
 checked against TransformerLens and timed against the hook-per-plan loop.
 
-    python -m fastskip.demo [--model gpt2-small-random|gpt2-small|smollm2-135m|FOLDER]
+    fastskip demo [--model gpt2-small-random|gpt2-small|smollm2-135m|FOLDER]
+    python -m fastskip.demo [...]     (the same; kept for scripts/demo.sh)
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 from collections.abc import Sequence
-
-import torch
+from typing import Any
 
 from . import notebook
-from .engine import Runner
-from .models import load_model
 from .reference import check, plan_hooks
 from .report import format_test_prompt
 
 
-def rank_table(res, labels: Sequence[str]) -> str:
+def rank_table(res: Any, labels: Sequence[str]) -> str:
     """Plans x prompts: 'rank (prob)' of the first answer token."""
     import pandas as pd
 
@@ -33,7 +31,7 @@ def rank_table(res, labels: Sequence[str]) -> str:
     return df.to_string()
 
 
-def time_hook_loop(model, plans, tokens, repeat: int = 1) -> float:
+def time_hook_loop(model: Any, plans: Sequence[Any], tokens: Any, repeat: int = 1) -> float:
     """Seconds per plan for one TransformerLens run_with_hooks per plan."""
     start = time.perf_counter()
     for _ in range(repeat):
@@ -42,43 +40,36 @@ def time_hook_loop(model, plans, tokens, repeat: int = 1) -> float:
     return (time.perf_counter() - start) / (repeat * len(plans))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fastskip demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="gpt2-small-random")
-    ap.add_argument("--no-check", action="store_true", help="skip the TransformerLens check")
-    args = ap.parse_args(argv)
-
-    torch.set_grad_enabled(False)
-    t0 = time.perf_counter()
-    model = load_model(args.model)
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s")
-    if args.model == "gpt2-small-random":
+def demo(runner: Any, model_name: str = "", check_reference: bool = True) -> None:
+    """Print the demo: ranks of the notebook's plans on its prompts, one
+    test_prompt report, a check against TransformerLens and the timing."""
+    model = runner.model
+    if model_name == "gpt2-small-random":
         print("NOTE: gpt2-small-random has random weights: its predictions are meaningless.\n"
               "      It shows the machinery (and its speed) offline; use --model gpt2-small\n"
               "      (needs the Hugging Face hub) or --model smollm2-135m for a real model.")
-    runner = Runner(model)
     plans = [p for p, _ in notebook.PLANS]
     labels = [d for _, d in notebook.PLANS]
-    if runner.n_layers != 12:  # the notebook's plans are for 12 layers: scale the block ranges
+    if runner.n_layers != 12:  # the notebook's plans are for 12 layers
         plans, labels = ["all"], ["the full model"]
     prompts = [p for p, _ in notebook.PROMPTS]
     answers = [a for _, a in notebook.PROMPTS]
 
-    runner.run(plans[:2], prompts, answers)  # warm-up
+    runner.run(plans[:2], prompts, answers, progress=False)  # warm-up
     t0 = time.perf_counter()
-    res = runner.run(plans, prompts, answers, top_k=10)
+    res = runner.run(plans, prompts, answers, top_k=10, progress=False)
     fast = (time.perf_counter() - t0) / len(plans)
     print(f"\nRank (probability) of the answer, {len(plans)} plans x {len(prompts)} prompts "
           f"in one call:\n")
     print(rank_table(res, labels))
 
-    print("\nThe notebook's test_prompt report, for plan '0-7,9.mlp' on '1 2 3 4':\n")
-    one = runner.run(["0-7,9.mlp" if runner.n_layers == 12 else "all"], prompts[:1],
-                     answers[:1], top_k=10)
+    shown = "0-7,9.mlp" if runner.n_layers == 12 else "all"
+    print(f"\nThe notebook's test_prompt report, for plan '{shown}' on '{prompts[0]}':\n")
+    one = runner.run([shown], prompts[:1], answers[:1], top_k=10, progress=False)
     print(format_test_prompt(one, 0, 0, model, 10))
 
     tokens = model.to_tokens(prompts)
-    if not args.no_check:
+    if check_reference:
         err = check(runner, plans, tokens, atol=1e-4)
         print(f"\nChecked against TransformerLens hooks: max |logit error| = {err:.1e} "
               f"over {len(plans)} plans (tolerance 1e-4)")
@@ -87,7 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nTime per plan: fastskip {fast * 1e3:.1f} ms, one TransformerLens run_with_hooks "
           f"per plan {slow * 1e3:.1f} ms ({slow / fast:.0f}x), measured in this run on "
           f"{runner.device.type}")
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fastskip.demo [options]`` = ``fastskip demo [options]``."""
+    from .cli import main as cli_main
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

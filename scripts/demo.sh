@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-"${FASTSKIP_VENV:-.venv}/bin/python" -m fastskip.demo "$@"
+"${FASTSKIP_VENV:-.venv}/bin/fastskip" demo "$@"

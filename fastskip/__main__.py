@@ -1,0 +1,6 @@
+"""``python -m fastskip``: the command line (see ``fastskip --help``)."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
