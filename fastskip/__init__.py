@@ -11,7 +11,7 @@ Importing fastskip loads neither TransformerLens nor a model.
 
 from . import grid, io, plot, sweep
 from .ablation import Ablation
-from .engine import Runner
+from .engine import OverflowWarning, Runner
 from .errors import (
     CheckError,
     FastskipError,
@@ -30,7 +30,8 @@ from .results import Results
 __version__ = "0.1.0"
 
 __all__ = [
-    "Ablation", "CheckError", "FastskipError", "InputError", "MemoryBudgetError", "Plan",
-    "PlanError", "PlanMask", "PlanSet", "Results", "Runner", "UnsupportedModelError", "check",
-    "grid", "io", "load_model", "plan_hooks", "plot", "reference_logits", "sweep", "test_prompt",
+    "Ablation", "CheckError", "FastskipError", "InputError", "MemoryBudgetError",
+    "OverflowWarning", "Plan", "PlanError", "PlanMask", "PlanSet", "Results", "Runner",
+    "UnsupportedModelError", "check", "grid", "io", "load_model", "plan_hooks", "plot",
+    "reference_logits", "sweep", "test_prompt",
 ]

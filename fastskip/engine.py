@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -81,6 +82,21 @@ def with_progress(batches: Iterable[FinalStates], total: int, show: bool | None,
         for fs in batches:
             yield fs
             bar.update(len(fs.plans))
+
+
+class OverflowWarning(UserWarning):
+    """Some plans' logits overflowed (inf/NaN); their ranks are reported as -1."""
+
+
+def warn_nonfinite(nonfinite: torch.Tensor, ps: PlanSet) -> None:
+    """Warn, naming a plan, when some rows overflowed (their ranks are -1)."""
+    bad = nonfinite.flatten(1).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        warnings.warn(
+            f"{len(bad)} of {len(ps)} plans overflow (inf/NaN logits), e.g. plan {bad[0]} "
+            f"'{ps.text(bad[0])}'; their ranks are -1 and logits/probabilities NaN "
+            "(Results.info['nonfinite'] marks the rows). Many /noln components can let the "
+            "residual stream grow without bound.", OverflowWarning, stacklevel=4)
 
 
 class Runner:
@@ -279,6 +295,7 @@ class Runner:
                        torch.as_tensor(fs.row_of, device=self.device))
         self.ops.report_compile()
         tables.mask_padding(batch.answer_mask)
+        warn_nonfinite(tables.nonfinite, ps)
         logit_diff = None
         if tables.wrong_logit is not None:
             logit_diff = tables.logit[:, :, 0] - tables.wrong_logit
@@ -289,5 +306,6 @@ class Runner:
             logit=tables.logit, prob=tables.logprob.exp(), topk_ids=tables.topk_ids,
             topk_logits=tables.topk_logits, topk_probs=tables.topk_logprobs.exp(),
             model_name=self.model_name, logit_diff=logit_diff, kl=tables.kl,
-            info={"compile_seconds": self.compile_seconds, "ambiguous": tables.ambiguous},
+            info={"compile_seconds": self.compile_seconds, "ambiguous": tables.ambiguous,
+                  "nonfinite": tables.nonfinite},
         )

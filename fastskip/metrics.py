@@ -2,8 +2,10 @@
 at once (never a Python loop over plans).
 
 Rank = number of vocabulary entries with a strictly larger logit (0 = top-1),
-so exact ties share a rank. Probabilities are the softmax over the whole
-vocabulary, computed as exp(logit - logsumexp) in fp32.
+so exact ties share a rank. A row whose logits overflowed (inf/NaN) gets rank
+-1 and NaN logit/probability, and is flagged, never a made-up rank.
+Probabilities are the softmax over the whole vocabulary, computed as
+exp(logit - logsumexp) in fp32.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class AnswerMetrics:
     topk_ids: torch.Tensor  # [m, k]
     topk_logits: torch.Tensor  # [m, k]
     topk_logprobs: torch.Tensor  # [m, k]
+    nonfinite: torch.Tensor  # [m] bool: the row overflowed (inf/NaN logits); rank -1
 
 
 def answer_metrics(logits: torch.Tensor, answer: torch.Tensor, top_k: int) -> AnswerMetrics:
@@ -34,9 +37,17 @@ def answer_metrics(logits: torch.Tensor, answer: torch.Tensor, top_k: int) -> An
     rank = (x > ans[:, None]).sum(dim=1)
     k = min(max(int(top_k), 0), x.shape[1])
     top_logits, top_ids = x.topk(k, dim=1) if k else (x[:, :0], answer[:, None][:, :0])
+    # overflowed rows (inf/NaN anywhere) have no meaningful rank: never report one
+    bad = ~torch.isfinite(x).all(dim=1)
+    if bool(bad.any()):
+        nan = torch.tensor(float("nan"), device=x.device)
+        rank = torch.where(bad, torch.full_like(rank, -1), rank)
+        ans, lse = torch.where(bad, nan, ans), torch.where(bad, nan, lse)
+        top_ids = torch.where(bad[:, None], torch.full_like(top_ids, -1), top_ids)
+        top_logits = torch.where(bad[:, None], nan, top_logits)
     return AnswerMetrics(
         logit=ans, logprob=ans - lse, rank=rank, topk_ids=top_ids,
-        topk_logits=top_logits, topk_logprobs=top_logits - lse[:, None],
+        topk_logits=top_logits, topk_logprobs=top_logits - lse[:, None], nonfinite=bad,
     )
 
 
@@ -66,6 +77,7 @@ class MetricTables:
         self.wrong_logit = torch.full((P, N), nan, device=dev) if wrong is not None else None
         self.kl = torch.full((P, N), nan, device=dev) if full_logprobs is not None else None
         self.ambiguous = torch.zeros((P, N, A), dtype=torch.bool, device=dev)
+        self.nonfinite = torch.zeros((P, N, A), dtype=torch.bool, device=dev)
 
     def add(self, logits: torch.Tensor, plans: torch.Tensor, rows: torch.Tensor) -> None:
         """logits [m, N, A, V] of m distinct final states; plan ``plans[i]`` uses
@@ -80,6 +92,7 @@ class MetricTables:
         self.topk_ids[plans] = shaped(met.topk_ids)
         self.topk_logits[plans] = shaped(met.topk_logits)
         self.topk_logprobs[plans] = shaped(met.topk_logprobs)
+        self.nonfinite[plans] = shaped(met.nonfinite)
         first = logits[:, :, 0]  # [m, N, V] at the first answer position
         if self.wrong is not None:
             wl = first.gather(2, self.wrong[None, :, None].expand(m, N, 1))[..., 0].float()
@@ -99,3 +112,4 @@ class MetricTables:
         self.logprob[:, pad] = float("nan")
         self.topk_ids[:, pad] = -1
         self.ambiguous[:, pad] = False
+        self.nonfinite[:, pad] = False

@@ -26,3 +26,29 @@ def small_model(seed: int = 0, normalization_type: str = "LNPre", **overrides):
                 elif name.endswith(".b") and "ln" in name:
                     p.copy_(0.2 * torch.randn(p.shape, generator=gen))
     return model
+
+
+def small_llama(seed: int = 0, normalization_type: str = "RMSPre", **overrides):
+    """A 3-layer Llama-style model (RMSNorm, rotary, 4 query heads sharing 2
+    key/value heads, gated SiLU MLP, no biases) with the GPT-2 tokenizer."""
+    import warnings
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from fastskip.models import gpt2_tokenizer
+
+    cfg = dict(n_layers=3, d_model=64, d_head=16, n_heads=4, n_key_value_heads=2, d_mlp=128,
+               n_ctx=64, d_vocab=50257, act_fn="silu", normalization_type=normalization_type,
+               positional_embedding_type="rotary", rotary_dim=16, rotary_base=10000,
+               gated_mlp=True, final_rms=True, original_architecture="LlamaForCausalLM",
+               seed=seed, default_prepend_bos=True, eps=1e-5)
+    cfg.update(overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = HookedTransformer(HookedTransformerConfig(**cfg), tokenizer=gpt2_tokenizer())
+    gen = torch.Generator().manual_seed(seed + 11)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".w") and ("ln" in name):  # unfolded RMSNorm weights
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+    return model.eval()

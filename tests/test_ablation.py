@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import PROMPTS, small_model
 
 import fastskip as fs
 from fastskip.reference import reference_logits
+from helpers import PROMPTS, small_model
 
 ATOL = 1e-4
 KINDS = [("heads",), ("noln",), ("block", "attn", "mlp", "heads", "noln")]

@@ -219,3 +219,13 @@ def test_logit_diff_and_kl(tiny, tiny_runner):
     assert abs(float(res.kl[0].max())) <= 1e-5  # the full model against itself
     df = res.to_pandas()
     assert {"logit_diff", "kl"} <= set(df.columns)
+
+
+def test_overflow_is_reported_not_ranked(tiny):
+    """inf/NaN logits give rank -1 and a warning naming a plan, never a made-up rank."""
+    runner = fs.Runner(tiny)
+    runner.weights.W_out[1] *= 1e38  # layer 1's MLP overflows in the fast path
+    with pytest.warns(fs.OverflowWarning, match=r"1 of 2 plans overflow .* plan 1 '0-1'"):
+        res = runner.run(["0", "0-1"], ["1 2 3 4"], [" 5"])
+    assert int(res.rank[0, 0, 0]) >= 0 and int(res.rank[1, 0, 0]) == -1
+    assert torch.isnan(res.logit[1]).all() and res.info["nonfinite"][1].all()
