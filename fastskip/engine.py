@@ -33,6 +33,7 @@ from .plan import PlanLike
 from .planset import PlanSet
 from .precision import REDUCED, run_with_exact_ranks
 from .results import Results
+from .verify import verify_logits, verify_run
 from .weights import stack_weights
 
 PlansLike = PlanLike | Sequence[PlanLike] | PlanSet
@@ -117,12 +118,16 @@ class Runner:
             model's MLP is covered; see ``fastskip.kernels``).
         exact_ranks: with dtype bfloat16/float16, recompute in fp32 every plan
             whose rank the reduced precision leaves ambiguous (``fastskip.precision``).
+        verify: re-check this many random plans of every call against the
+            TransformerLens reference and raise ``CheckError`` on disagreement
+            (``fastskip.verify``).
     """
 
     def __init__(self, model: Any, *, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, max_memory: int | str | None = None,
                  strategy: str = "tree", compile: bool | None = None,
-                 kernels: bool | None = None, verbose: bool = True, exact_ranks: bool = True):
+                 kernels: bool | None = None, verbose: bool = True, exact_ranks: bool = True,
+                 verify: int = 0):
         if strategy not in STRATEGIES:
             raise FastskipError(f"strategy must be one of {STRATEGIES}, got '{strategy}'")
         self.model = model
@@ -139,6 +144,10 @@ class Runner:
         self._options = dict(max_memory=self.max_memory, strategy=strategy, compile=compile,
                              kernels=kernels, verbose=verbose)
         self._exact: Runner | None = None
+        if not isinstance(verify, int) or verify < 0:
+            raise FastskipError(f"verify must be a number of plans >= 0, got {verify!r}")
+        self.verify = verify
+        self._calls = 0
 
     def exact_runner(self) -> Runner:
         """An fp32 runner over the same model and device (made once, on demand)."""
@@ -225,6 +234,9 @@ class Runner:
             out[torch.as_tensor(fs.plans, device=self.device)] = logits[
                 torch.as_tensor(fs.row_of, device=self.device)]
         self.ops.report_compile()
+        if self.verify:
+            self._calls += 1
+            verify_logits(self, ps, tokens, out, self.verify, self._calls, abl)
         return out[:, :, 0] if last_only else out
 
     @torch.no_grad()
@@ -259,8 +271,13 @@ class Runner:
                                device=self.device).answer_ids[:, 0]
         abl = as_ablation(ablation)
         if self.exact_ranks:
-            return run_with_exact_ranks(self, ps, batch, top_k, wrong, kl, progress, abl)
-        return self._run_batch(ps, batch, top_k, wrong, kl, progress, ablation=abl)
+            res = run_with_exact_ranks(self, ps, batch, top_k, wrong, kl, progress, abl)
+        else:
+            res = self._run_batch(ps, batch, top_k, wrong, kl, progress, ablation=abl)
+        if self.verify:
+            self._calls += 1
+            verify_run(self, ps, batch, res, self.verify, self._calls, abl)
+        return res
 
     def asked_logits(self, ps: PlanSet, batch: PromptBatch, ablation: Ablation | None = None
                      ) -> torch.Tensor:

@@ -229,3 +229,18 @@ def test_overflow_is_reported_not_ranked(tiny):
         res = runner.run(["0", "0-1"], ["1 2 3 4"], [" 5"])
     assert int(res.rank[0, 0, 0]) >= 0 and int(res.rank[1, 0, 0]) == -1
     assert torch.isnan(res.logit[1]).all() and res.info["nonfinite"][1].all()
+
+
+def test_verify_mode_rechecks_every_call(tiny, prompt_tokens):
+    runner = fs.Runner(tiny, verify=3)
+    plans = fs.grid.random_plans(20, 3, 4, seed=4)
+    runner.run(plans, PROMPTS, ANSWERS)
+    runner.logits(plans, prompt_tokens, last_only=True)
+    gen = torch.Generator().manual_seed(1)
+    runner.weights.W_in[2] += 0.05 * torch.randn(runner.weights.W_in[2].shape, generator=gen)
+    with pytest.raises(fs.CheckError, match="verify: plan .* differ"):
+        runner.run(["2", "0,2", "all"], PROMPTS, ANSWERS)
+    with pytest.raises(fs.CheckError, match="verify: plan"):
+        runner.logits(["2", "0,2", "all"], prompt_tokens)
+    with pytest.raises(fs.FastskipError, match="verify must be"):
+        fs.Runner(tiny, verify=-1)
