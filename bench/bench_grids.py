@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 import torch
-from baselines import tl_masked_batch
-from conftest import ANSWERS, PROMPTS, best_of, hook_loop_per_plan, machine
+from conftest import ANSWERS, PROMPTS, hook_loop_per_plan, machine
+from measure import sample, time_plan_set
 
 import fastskip as fs
-from fastskip.execute import work_flops
-from fastskip.schedule import step_keys
 
 
 def plan_sets() -> dict[str, fs.PlanSet]:
@@ -31,41 +28,9 @@ def plan_sets() -> dict[str, fs.PlanSet]:
     }
 
 
-def sample(plans: fs.PlanSet, k: int) -> fs.PlanSet:
-    return plans.take(np.unique(np.linspace(0, len(plans) - 1, k).round().astype(int)))
-
-
 @pytest.mark.parametrize("name", list(plan_sets()))
 def test_grid(benchmark, gpt2, tokens, name):
-    plans = plan_sets()[name]
-    runner = fs.Runner(gpt2, verbose=False)
-    runner.run(sample(plans, 4), PROMPTS, ANSWERS)  # warm-up
-    benchmark.pedantic(runner.run, args=(plans, PROMPTS, ANSWERS),
-                       kwargs={"top_k": 10, "progress": False}, rounds=1, iterations=1)
-    fast = benchmark.stats.stats.min / len(plans)
-    naive_sample = sample(plans, min(len(plans), 128))
-    masked = fs.Runner(gpt2, strategy="masked", verbose=False)
-    naive = best_of(lambda: masked.run(naive_sample, PROMPTS, ANSWERS, progress=False), 1)
-    naive /= len(naive_sample)
-    tl_sample = sample(plans, 64)
-    tl_batch = best_of(lambda: tl_masked_batch(gpt2, tl_sample, tokens), 1) / len(tl_sample)
-    hooks = hook_loop_per_plan(gpt2, runner.plan_set(plans), tokens)
-    work = work_flops(step_keys(plans).keys, runner.weights, len(PROMPTS), tokens.shape[1], 1)
-    info = {
-        "plans": len(plans), "prompts": len(PROMPTS), "tokens": tokens.shape[1],
-        "ms_per_plan": {"fastskip": fast * 1e3, "naive_masked_batch": naive * 1e3,
-                        "tl_masked_batch": tl_batch * 1e3, "run_with_hooks": hooks * 1e3},
-        "ratio_vs_run_with_hooks": hooks / fast, "ratio_vs_tl_masked_batch": tl_batch / fast,
-        "ratio_vs_naive_masked_batch": naive / fast,
-        "gflop_tree": work["tree"] / 1e9, "gflop_naive": work["naive"] / 1e9,
-        "achieved_gflops": work["tree"] / (fast * len(plans)) / 1e9,
-        "dtype": "float32", "machine": machine(),
-    }
-    benchmark.extra_info.update(info)
-    print(f"\n{name}: fastskip {fast * 1e3:.2f} ms/plan | run_with_hooks {hooks / fast:.0f}x | "
-          f"TL masked batch {tl_batch / fast:.1f}x | naive masked batch {naive / fast:.1f}x | "
-          f"{info['achieved_gflops']:.0f} GFLOP/s on {work['tree'] / 1e9:.0f} GFLOP "
-          f"(naive {work['naive'] / 1e9:.0f})")
+    time_plan_set(benchmark, gpt2, tokens, plan_sets()[name], PROMPTS, ANSWERS, name)
 
 
 @pytest.mark.parametrize("exact", [True, False], ids=["exact_ranks", "raw"])
