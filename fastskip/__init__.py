@@ -9,7 +9,7 @@ pass over stacked weights, checked against TransformerLens.
 Importing fastskip loads neither TransformerLens nor a model.
 """
 
-from . import grid, io, plot, sweep
+from . import grid, io, plot, search, sweep, tasks
 from .ablation import Ablation
 from .engine import OverflowWarning, Runner
 from .errors import (
@@ -33,5 +33,5 @@ __all__ = [
     "Ablation", "CheckError", "FastskipError", "InputError", "MemoryBudgetError",
     "OverflowWarning", "Plan", "PlanError", "PlanMask", "PlanSet", "Results", "Runner",
     "UnsupportedModelError", "check", "grid", "io", "load_model", "plan_hooks", "plot",
-    "reference_logits", "sweep", "test_prompt",
+    "reference_logits", "search", "sweep", "tasks", "test_prompt",
 ]

@@ -1,0 +1,129 @@
+"""What the search tools share: their inputs (a ``Task`` or explicit lists),
+plan sets built from masks, and an evaluator that counts its runner calls."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..planset import PlanSet
+from . import metrics
+
+
+@dataclass
+class Inputs:
+    """Prompts with one answer and one wrong answer each."""
+
+    prompts: list[str]
+    answers: list[str]
+    wrong_answers: list[str]
+
+
+def resolve_inputs(task: Any = None, prompts: Sequence[str] | None = None,
+                   answers: Sequence[str] | None = None,
+                   wrong_answers: Sequence[str] | None = None) -> Inputs:
+    """Inputs from a ``Task`` (anything with prompts/answers/wrong_answers), or
+    from explicit lists (given ones override the task's). A list of strings in
+    place of the task is taken as the prompts."""
+    if isinstance(task, str) or (isinstance(task, Sequence) and not hasattr(task, "prompts")):
+        if prompts is not None:
+            raise InputError("prompts given twice (as the task argument and as prompts=)")
+        task, prompts = None, [task] if isinstance(task, str) else list(task)
+    got = {
+        "prompts": prompts if prompts is not None else getattr(task, "prompts", None),
+        "answers": answers if answers is not None else getattr(task, "answers", None),
+        "wrong_answers": (wrong_answers if wrong_answers is not None
+                          else getattr(task, "wrong_answers", None)),
+    }
+    missing = [k for k, v in got.items() if v is None]
+    if missing:
+        raise InputError(f"missing {', '.join(missing)}: pass a Task (fs.tasks.make_task) "
+                         "or prompts=, answers= and wrong_answers=")
+    lists = {k: [v] if isinstance(v, str) else list(v) for k, v in got.items()}
+    n = len(lists["prompts"])
+    if n == 0 or any(len(v) != n for v in lists.values()):
+        raise InputError("prompts, answers and wrong_answers must be non-empty and of one "
+                         f"length, got {[len(v) for v in lists.values()]}")
+    return Inputs(**lists)
+
+
+def resolve_ablation(ablation: Any, task: Any = None) -> Any:
+    """``ablation`` as given, except "mean" / "resample" (strings), which take
+    the task's ``corrupted`` prompts as their source (``fs.Ablation.mean(
+    task.corrupted)`` / ``fs.Ablation.resample(task.corrupted)``)."""
+    if not isinstance(ablation, str) or ablation not in ("mean", "resample"):
+        return ablation
+    corrupted = getattr(task, "corrupted", None)
+    if not corrupted:
+        raise InputError(f"ablation='{ablation}' takes its source prompts from the task's "
+                         f"corrupted prompts; pass a Task or fs.Ablation.{ablation}(prompts)")
+    from ..ablation import Ablation
+
+    make = Ablation.mean if ablation == "mean" else Ablation.resample
+    return make(list(corrupted))
+
+
+def mask_set(heads: np.ndarray, mlp: np.ndarray, attn: np.ndarray | None = None) -> PlanSet:
+    """A PlanSet from kept heads [P, L, H] and MLPs [P, L]; attention (with its
+    output bias) kept where ``attn`` [P, L] says (default: everywhere), all
+    norms on."""
+    attn = np.ones(mlp.shape, dtype=bool) if attn is None else attn
+    ones = np.ones(mlp.shape, dtype=bool)
+    return PlanSet(attn, heads, mlp, ones, ones.copy())
+
+
+class Evaluator:
+    """Mean logit difference and score of plans through ``runner.run``,
+    counting calls and plans. ``ablation`` is passed on only when not None."""
+
+    def __init__(self, runner: Any, inputs: Inputs, ablation: Any = None,
+                 prepend_bos: bool | None = None, progress: bool | None = None):
+        self.runner = runner
+        self.inputs = inputs
+        self.ablation = ablation
+        self.prepend_bos = prepend_bos
+        self.progress = progress
+        self.calls = 0
+        self.plans = 0
+        self._full: float | None = None
+
+    def run(self, plans: Any) -> Any:
+        """``runner.run`` of ``plans`` on the inputs (top_k=0, with wrong answers)."""
+        extra = {} if self.ablation is None else {"ablation": self.ablation}
+        inp = self.inputs
+        res = self.runner.run(plans, inp.prompts, inp.answers, wrong_answers=inp.wrong_answers,
+                              prepend_bos=self.prepend_bos, top_k=0, progress=self.progress,
+                              **extra)
+        self.calls += 1
+        self.plans += res.n_plans
+        return res
+
+    def mean_logit_diff(self, plans: Any) -> np.ndarray:
+        """Mean logit difference of every plan: float64 [P] (from fp32 values)."""
+        return metrics.mean_logit_diff(self.run(plans)).double().cpu().numpy()
+
+    @property
+    def full(self) -> float:
+        """The full model's mean logit difference (> 0, else ``InputError``)."""
+        if self._full is None:
+            self._full = check_full(float(self.mean_logit_diff(["all"])[0]))
+        return self._full
+
+    def score(self, plans: Any) -> np.ndarray:
+        """Mean logit difference as a fraction of the full model's: [P]."""
+        return self.mean_logit_diff(plans) / self.full
+
+
+def check_full(full: float) -> float:
+    """The full model's mean logit difference, checked to be positive."""
+    if not full > 0:
+        raise InputError(
+            f"the full model's mean logit difference is {full:.4g} (<= 0): a score as a "
+            "fraction of it is meaningless; keep prompts the model gets right "
+            "(fs.tasks.filter_correct) or check answers/wrong_answers")
+    return full
+
