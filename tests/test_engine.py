@@ -244,3 +244,13 @@ def test_verify_mode_rechecks_every_call(tiny, prompt_tokens):
         runner.logits(["2", "0,2", "all"], prompt_tokens)
     with pytest.raises(fs.FastskipError, match="verify must be"):
         fs.Runner(tiny, verify=-1)
+
+
+def test_logit_diff_fast_path_equals_run(tiny_runner):
+    plans = fs.grid.random_plans(12, 3, 4, seed=6)
+    prompts, answers, wrong = ["1 2 3 4", "A B C"], [" 5", " D"], [" 4", " C"]
+    want = tiny_runner.run(plans, prompts, answers, wrong_answers=wrong).logit_diff
+    got = tiny_runner.logit_diff(plans, prompts, answers, wrong)
+    assert got.shape == (12, 2) and (got - want).abs().max() <= 1e-5
+    again = tiny_runner.logit_diff(plans.take([3, 1]), prompts, answers, wrong)  # cached inputs
+    assert (again - want[[3, 1]]).abs().max() <= 1e-5

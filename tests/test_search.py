@@ -352,7 +352,7 @@ def test_metrics_from_results(tiny_runner):
 
 
 class RecordingRunner:
-    """A runner that records the keyword arguments of ``run``."""
+    """A runner that records the keyword arguments of ``run`` and ``logit_diff``."""
 
     def __init__(self, runner):
         self.runner, self.calls = runner, []
@@ -362,6 +362,11 @@ class RecordingRunner:
         self.calls.append(dict(kw))
         kw.pop("ablation", None)
         return self.runner.run(plans, prompts, answers, **kw)
+
+    def logit_diff(self, plans, prompts, answers, wrong_answers, **kw):
+        self.calls.append(dict(kw))
+        kw.pop("ablation", None)
+        return self.runner.logit_diff(plans, prompts, answers, wrong_answers, **kw)
 
 
 def test_inputs_and_ablation_pass_through():

@@ -11,7 +11,6 @@ import numpy as np
 
 from ..errors import InputError
 from ..planset import PlanSet
-from . import metrics
 
 
 @dataclass
@@ -103,8 +102,16 @@ class Evaluator:
         return res
 
     def mean_logit_diff(self, plans: Any) -> np.ndarray:
-        """Mean logit difference of every plan: float64 [P] (from fp32 values)."""
-        return metrics.mean_logit_diff(self.run(plans)).double().cpu().numpy()
+        """Mean logit difference of every plan: float64 [P] (from fp32 values),
+        through ``runner.logit_diff`` (two vocabulary columns, cached inputs)."""
+        inp = self.inputs
+        extra = {} if self.ablation is None else {"ablation": self.ablation}
+        diff = self.runner.logit_diff(plans, inp.prompts, inp.answers, inp.wrong_answers,
+                                      prepend_bos=self.prepend_bos, progress=self.progress,
+                                      **extra)
+        self.calls += 1
+        self.plans += diff.shape[0]
+        return diff.mean(dim=1).double().cpu().numpy()
 
     @property
     def full(self) -> float:
