@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from inspect import signature
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from . import io
@@ -49,16 +47,6 @@ def progress(args: Args) -> bool | None:
     """``progress`` argument of ``Runner.run``: never with --quiet, else the default
     (a bar on a terminal for large plan sets)."""
     return False if args.quiet else None
-
-
-def optional_module(name: str, missing: str) -> ModuleType:
-    """Import ``name``; a one-line FastskipError ``missing`` if it is not there."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name in (name, name.rpartition(".")[0]):
-            raise FastskipError(missing) from None
-        raise
 
 
 @contextlib.contextmanager
@@ -133,8 +121,8 @@ def load_task(args: Args) -> Any:
     with ``prompts``, ``answers``, ``wrong_answers`` and ``corrupted``."""
     if args.prompts:
         return io.read_prompts(args.prompts)
-    tasks = optional_module("fastskip.tasks", "built-in tasks are not installed in this "
-                                              "version; give a prompt file with --prompts FILE")
+    from . import tasks
+
     if args.task not in tasks.TASKS:
         raise InputError(f"unknown task '{args.task}'; expected one of {', '.join(tasks.TASKS)}")
     if args.n < 1:
@@ -254,7 +242,8 @@ def trace_pairs(result: Any) -> list[tuple[str, float]] | None:
 
 def cmd_search(args: Args) -> int:
     """``fastskip search``: prune nodes or layers with fastskip.search."""
-    search = optional_module("fastskip.search", "search tools are not installed in this version")
+    from . import search
+
     task = load_task(args)
     runner = load_runner(args)
     if args.method == "prune-nodes":

@@ -7,7 +7,6 @@ installed console script and a Hugging Face checkpoint folder.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -24,8 +23,6 @@ from helpers import ANSWERS, PROMPTS
 
 COMMANDS = ("run", "sweep", "search", "check", "bench", "demo", "show")
 SCRIPT = Path(sys.executable).with_name("fastskip")
-HAS_TASKS = importlib.util.find_spec("fastskip.tasks") is not None
-HAS_SEARCH = importlib.util.find_spec("fastskip.search") is not None
 
 
 @pytest.fixture
@@ -185,7 +182,6 @@ def test_sweep_blocks_to_csv_only(tiny_name, prompt_file, tmp_path, capsys):
     assert "Best 3 plans by rank" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not HAS_TASKS, reason="fastskip.tasks (built-in tasks) is not in this tree")
 def test_sweep_a_builtin_task_has_logit_differences(tiny_name, tmp_path, capsys):
     out = tmp_path / "loo.parquet"
     assert main(["sweep", "-m", tiny_name, "--grid", "leave-one-out", "--task", "months",
@@ -210,7 +206,6 @@ def test_check_failure_exits_1_with_one_line(tiny_name, capsys, monkeypatch):
     assert "check failed: plan 0 'all'" in one_line_error(capsys.readouterr().err)
 
 
-@pytest.mark.skipif(not HAS_SEARCH, reason="fastskip.search (search tools) is not in this tree")
 @pytest.mark.parametrize("method", ["prune-nodes", "prune-layers"])
 def test_search_prints_the_plan_and_plots_the_trace(method, tiny, tiny_name, tmp_path, capsys):
     # answers the random model gets right (its top-1), wrong answers it ranks low
@@ -225,12 +220,6 @@ def test_search_prints_the_plan_and_plots_the_trace(method, tiny, tiny_name, tmp
     out = capsys.readouterr().out
     assert rc == 0 and out.startswith("plan: ") and "score" in out
     assert png.stat().st_size > 1000
-
-
-@pytest.mark.skipif(HAS_SEARCH, reason="fastskip.search is installed")
-def test_search_without_the_module_is_a_one_line_error(tiny_name, prompt_file, capsys):
-    assert main(["search", "prune-nodes", "--prompts", str(prompt_file)]) == 2
-    assert "search tools are not installed" in one_line_error(capsys.readouterr().err)
 
 
 @pytest.mark.slow
