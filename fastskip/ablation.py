@@ -14,7 +14,7 @@ so under mean/resample, removing ``L.attn`` equals removing all of L's heads.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +22,12 @@ import torch
 
 from . import blocks
 from .errors import InputError
+from .inputs import check_tokens
 from .weights import StackedWeights
 
 KINDS = ("zero", "mean", "resample")
+# Integer dtypes accepted for token ids (the same set as ``inputs.check_tokens``).
+TOKEN_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -56,18 +59,77 @@ class Ablation:
               ) -> Ablation:
         if (prompts is None) == (tokens is None):
             raise InputError(f"{kind} ablation needs either prompts or tokens (exactly one)")
-        if prompts is not None:
-            if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-                raise InputError(f"{kind} ablation prompts must be a list of strings")
-            if not prompts:
-                raise InputError(f"{kind} ablation needs at least one prompt")
-            return cls(kind, tuple(prompts))
-        return cls(kind, None, tokens)
+        return cls(kind, None if prompts is None else _check_prompts(kind, prompts), tokens)
+
+    def __post_init__(self) -> None:
+        """Check the kind and the source (prompts or token ids) up front, before
+        any computation; token ids [T] become one row [1, T]. The vocabulary
+        range is checked when the ablation meets a model (``sources_for_tokens``)."""
+        kind = self.kind
+        if not isinstance(kind, str) or kind not in KINDS:
+            raise InputError(f"unknown ablation kind {kind!r}; the kinds are "
+                             f"{', '.join(repr(k) for k in KINDS)}")
+        if kind == "zero":
+            return
+        if (self.prompts is None) == (self.tokens is None):
+            raise InputError(f"{kind} ablation needs either prompts or tokens (exactly one)")
+        if self.prompts is not None:
+            object.__setattr__(self, "prompts", _check_prompts(kind, self.prompts))
+            return
+        object.__setattr__(self, "tokens", _check_source_tokens(kind, self.tokens))
 
     def __repr__(self) -> str:
         n = len(self.prompts) if self.prompts else (
             0 if self.tokens is None else self.tokens.shape[0])
         return f"Ablation({self.kind}{f', {n} sources' if n else ''})"
+
+
+def _check_prompts(kind: str, prompts: Any) -> tuple[str, ...]:
+    """Ablation source prompts as a non-empty tuple of strings."""
+    if isinstance(prompts, str) or not isinstance(prompts, Iterable):
+        raise InputError(f"{kind} ablation prompts must be a list of strings")
+    prompts = tuple(prompts)
+    if not all(isinstance(p, str) for p in prompts):
+        raise InputError(f"{kind} ablation prompts must be a list of strings")
+    if not prompts:
+        raise InputError(f"{kind} ablation needs at least one prompt")
+    return prompts
+
+
+def _check_source_tokens(kind: str, tokens: Any) -> torch.Tensor:
+    """The structure of ablation token ids (type, device, dtype, shape), as
+    ``inputs.check_tokens`` checks prompt tokens; [T] becomes [1, T]."""
+    what = f"{kind} ablation tokens"
+    if not isinstance(tokens, torch.Tensor):
+        raise InputError(f"{what} must be a torch.LongTensor [rows, pos], got "
+                         f"{type(tokens).__name__}")
+    if tokens.device.type == "meta":
+        raise InputError(f"{what} are on the meta device, which holds no values; give real "
+                         f"token ids")
+    if tokens.dtype not in TOKEN_DTYPES:
+        raise InputError(f"{what} must be integer ids (torch.long), got dtype {tokens.dtype}")
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise InputError(f"{what} must have shape [rows, pos] with rows >= 1 and pos >= 1, "
+                         f"got {tuple(tokens.shape)}")
+    return tokens
+
+
+def bound_source_tokens(ablation: Ablation, w: StackedWeights, device: torch.device
+                        ) -> torch.Tensor:
+    """The ablation's token ids [R, T], checked against the model's vocabulary
+    (as prompt tokens are) and moved to ``device`` as torch.long."""
+    src = ablation.tokens
+    if src is None:
+        raise InputError("this call takes token ids: give the ablation as tokens=..., not "
+                         "prompts")
+    try:
+        # No context limit here: a mean source may be longer than the prompts (it
+        # is cut to their length) and a resample source must match their shape.
+        return check_tokens(src, w.d_vocab, max(w.n_ctx, src.shape[-1]), device)
+    except InputError as err:
+        raise InputError(f"{ablation.kind} ablation tokens: {err}") from None
 
 
 def as_ablation(value: Any) -> Ablation | None:
@@ -141,11 +203,7 @@ def sources_for_tokens(ablation: Ablation, w: StackedWeights, tokens: torch.Tens
                        ) -> Sources:
     """Sources for a token batch [B, T] from an ablation given as token ids."""
     B, T = tokens.shape
-    src = ablation.tokens
-    if src is None:
-        raise InputError("this call takes token ids: give the ablation as tokens=..., not "
-                         "prompts")
-    src = src.to(tokens.device, torch.long)
+    src = bound_source_tokens(ablation, w, tokens.device)
     if ablation.kind == "mean":
         lengths = torch.full((src.shape[0],), src.shape[1], device=tokens.device)
         return mean_sources(w, src, lengths, T, B)

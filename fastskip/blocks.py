@@ -99,12 +99,24 @@ def attention_z(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig, apply_ln: b
     return (pattern @ v).permute(0, 1, 3, 2, 4)  # [n, B, Q, H, dh]
 
 
+def where_kept(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x`` where ``keep`` (bool, or nonzero numbers; broadcast against x), else exactly 0.
+
+    A select, not ``x * keep``: a switched-off component whose output is inf or NaN
+    contributes 0, not NaN (inf x 0 = NaN x 0 = NaN)."""
+    if keep.dtype != torch.bool:
+        keep = keep != 0
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def attention_out(z: torch.Tensor, lw: LayerWeights, head_mask: torch.Tensor | None = None
                   ) -> torch.Tensor:
     """Attention output from z [n, B, Q, H, dh]; ``head_mask`` [n, H] keeps heads
-    per node (the output bias b_O is always added)."""
+    per node (the output bias b_O is always added). Removed heads contribute
+    exactly zero, like TransformerLens's hook_z set to zero, even where their z
+    is inf or NaN."""
     if head_mask is not None:
-        z = z * head_mask[:, None, None, :, None].to(z.dtype)
+        z = where_kept(head_mask[:, None, None, :, None], z)
     return z.reshape(*z.shape[:3], -1) @ lw.W_O + lw.b_O
 
 

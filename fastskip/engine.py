@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -23,8 +24,8 @@ from .ablation import (
     sources_for_batch,
     sources_for_tokens,
 )
-from .errors import FastskipError, InputError
-from .execute import FinalStates, TreeExecutor
+from .errors import FastskipError, InputError, MemoryBudgetError
+from .execute import FinalStates, TreeExecutor, format_bytes, one_plan_arena
 from .inputs import PromptBatch, check_tokens, make_batch
 from .masked import MaskedExecutor
 from .metrics import MetricTables
@@ -44,11 +45,14 @@ def parse_memory(value: int | float | str | None) -> int | None:
     """Bytes from 2_000_000_000, 2e9, "2GB", "512MiB" (None stays None)."""
     if value is None:
         return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise FastskipError(f"max_memory '{value}' is not a size like 2GB or 512MiB")
     if isinstance(value, (int, float)):
-        if value <= 0:
-            raise FastskipError(f"max_memory must be positive, got {value}")
+        if not math.isfinite(value) or value < 1:
+            what = "positive" if not value > 0 else "at least one byte"
+            raise FastskipError(f"max_memory must be {what}, got {value}")
         return int(value)
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?i?b?)\s*", str(value).lower())
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?i?b?)\s*", value.lower())
     if not m:
         raise FastskipError(f"max_memory '{value}' is not a size like 2GB or 512MiB")
     unit = m.group(2).rstrip("b").rstrip("i")
@@ -134,6 +138,12 @@ class Runner:
                  verify: int = 0):
         if strategy not in STRATEGIES:
             raise FastskipError(f"strategy must be one of {STRATEGIES}, got '{strategy}'")
+        if not (hasattr(model, "cfg") and hasattr(model, "blocks")):  # a HookedTransformer
+            hint = f" (load it first: fs.load_model({model!r}))" if isinstance(model, str) else ""
+            raise FastskipError(f"Runner needs a TransformerLens HookedTransformer, got "
+                                f"{type(model).__name__}{hint}")
+        if device is not None and torch.device(device).type == "meta":
+            raise FastskipError("device 'meta' holds no values; use 'cpu' or 'cuda'")
         self.model = model
         self.weights = stack_weights(model, device=device, dtype=dtype)
         self.device = self.weights.device
@@ -186,34 +196,72 @@ class Runner:
         return PlanSet.from_plans(plans, self.n_layers, self.n_heads)
 
     # -- core ----------------------------------------------------------------
+    def memory_sizes(self, plans: PlanSet, B: int, T: int, Q: int, zero_ablation: bool = True
+                     ) -> tuple[int, int, int]:
+        """Bytes per state in a matmul batch, per final state in an unembedding
+        batch, and of the residual-stream states one plan of ``plans`` needs,
+        for B prompts of T tokens with Q asked positions. Their sum is the
+        smallest ``max_memory`` under which the plans run."""
+        w = self.weights
+        elem = torch.finfo(self.dtype).bits // 8
+        # activations of one state in a matmul batch: q/k/v, MLP hidden, scores, copies
+        per_row = B * T * elem * (3 * w.n_heads * w.d_head + 2 * w.d_mlp + 6 * w.d_model) + \
+            B * w.n_heads * T * T * 4 * 2
+        # logits + fp32 copy + comparison mask for one final state
+        per_final = B * Q * w.d_vocab_out * (elem + 4 + 1 + 4)
+        full_bytes, small_bytes = B * T * w.d_model * elem, B * Q * w.d_model * elem
+        if self.strategy == "masked":
+            states = 3 * full_bytes  # x, its normalised copy and the block output
+        else:
+            states = one_plan_arena(plans, full_bytes, small_bytes, zero_ablation)
+        return per_row, per_final, states
+
     def final_states(self, plans: PlanSet, tokens: torch.Tensor, q_pos: torch.Tensor,
                      sources: Sources | None = None) -> Iterator[FinalStates]:
         """Final residual streams of every plan at positions ``q_pos`` [B, Q],
         in batches sized to the memory budget; ``sources`` = what skipped
-        components contribute (None: zero ablation)."""
+        components contribute (None: zero ablation). Raises ``MemoryBudgetError``
+        before any work when one plan cannot fit in ``max_memory``."""
         w = self.weights
         B, T = tokens.shape
         Q = q_pos.shape[1]
-        elem = torch.finfo(self.dtype).bits // 8
         budget = self.max_memory
-        # activations of one state in a matmul batch: q/k/v, MLP hidden, scores, copies
-        per_row = B * T * elem * (3 * w.n_heads * w.d_head + 2 * w.d_mlp + 6 * w.d_model) + \
-            B * w.n_heads * T * T * 4 * 2
+        per_row, per_final, states = self.memory_sizes(plans, B, T, Q, sources is None)
         max_rows = int(np.clip(budget // 4 // max(per_row, 1), 1, 4096))
-        # logits + fp32 copy + comparison mask for one final state
-        per_final = B * Q * w.d_vocab_out * (elem + 4 + 1 + 4)
         unembed_rows = int(np.clip(budget // 4 // max(per_final, 1), 1, 4096))
+        # what is left holds the residual-stream states; one plan must fit (with
+        # batches of one if need be)
+        arena_bytes = budget - max_rows * per_row - unembed_rows * per_final
+        if arena_bytes < states:
+            max_rows = unembed_rows = 1
+            arena_bytes = budget - per_row - per_final
+        if arena_bytes < states:
+            need = states + per_row + per_final
+            raise MemoryBudgetError(
+                f"one plan needs {format_bytes(need)} for {B} x {T} tokens (states "
+                f"{format_bytes(states)}, matmul activations {format_bytes(per_row)}, logits "
+                f"{format_bytes(per_final)} for {Q} asked positions) but max_memory is "
+                f"{format_bytes(budget)}; raise max_memory to at least {need} bytes or use "
+                "fewer/shorter prompts"
+            )
         if self.strategy == "masked":
             return MaskedExecutor(w, chunk=max_rows, ops=self.ops).run(
                 plans, tokens, q_pos, unembed_rows, sources)
         return TreeExecutor(w, max_rows=max_rows, ops=self.ops).run(
-            plans, tokens, q_pos, unembed_rows, arena_bytes=budget // 2, sources=sources)
+            plans, tokens, q_pos, unembed_rows, arena_bytes=arena_bytes, sources=sources)
 
     def sources(self, ablation: Ablation | None, batch: PromptBatch) -> Sources | None:
         """What skipped components contribute for this batch (None: zero)."""
         if ablation is None:
             return None
         return sources_for_batch(ablation, self.model, self.weights, batch)
+
+    def _check_verifiable(self, ablation: Ablation | None) -> None:
+        """``verify`` rebuilds the ablation with hooks, which needs its tokens."""
+        if self.verify and ablation is not None and ablation.tokens is None:
+            raise InputError("verify needs the ablation as tokens (fs.Ablation.mean(tokens=...) "
+                             "or fs.Ablation.resample(tokens=...)) to rebuild it with hooks; "
+                             "tokenize the ablation prompts with model.to_tokens")
 
     @torch.no_grad()
     def logits(self, plans: PlansLike, tokens: torch.Tensor, last_only: bool = False,
@@ -264,17 +312,21 @@ class Runner:
         ``ablation``: what skipped components contribute: "zero" (default) or
         ``fs.Ablation.mean(prompts)`` / ``fs.Ablation.resample(corrupted_prompts)``.
         """
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+            raise InputError(f"top_k must be a whole number >= 0, got {top_k!r}")
+        if top_k < 0:
+            raise InputError(f"top_k must be >= 0, got {top_k}")
+        top_k = int(top_k)
         ps = self.plan_set(plans)
         batch = make_batch(self.model, prompts, answers, prepend_bos=prepend_bos,
                            prepend_space_to_answer=prepend_space_to_answer, device=self.device)
-        if top_k < 0:
-            raise InputError(f"top_k must be >= 0, got {top_k}")
         wrong = None
         if wrong_answers is not None:
             wrong = make_batch(self.model, prompts, wrong_answers, prepend_bos=prepend_bos,
                                prepend_space_to_answer=prepend_space_to_answer,
-                               device=self.device).answer_ids[:, 0]
+                               device=self.device, what="wrong_answers").answer_ids[:, 0]
         abl = as_ablation(ablation)
+        self._check_verifiable(abl)
         if self.exact_ranks:
             res = run_with_exact_ranks(self, ps, batch, top_k, wrong, kl, progress, abl)
         else:
@@ -317,6 +369,7 @@ class Runner:
                                prepend_space_to_answer=prepend_space_to_answer,
                                device=self.device)
             wrong = make_batch(self.model, prompts, wrong_answers, prepend_bos=prepend_bos,
+                               what="wrong_answers",
                                prepend_space_to_answer=prepend_space_to_answer,
                                device=self.device).answer_ids[:, 0]
             cols = torch.stack([batch.answer_ids[:, 0], wrong], dim=1)  # [N, 2]

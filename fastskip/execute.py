@@ -36,6 +36,28 @@ class FinalStates:
     row_of: np.ndarray  # [k] row of each plan in states
 
 
+def format_bytes(n: float) -> str:
+    """A size for messages: 512 B, 40.0 KiB, 3.2 MiB, 1.50 GiB."""
+    if n < 2**10:
+        return f"{int(n)} B"
+    if n < 2**20:
+        return f"{n / 2**10:.1f} KiB"
+    if n < 2**30:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**30:.2f} GiB"
+
+
+def one_plan_arena(plans: PlanSet, full_bytes: int, small_bytes: int, free_skips: bool) -> int:
+    """Bytes of residual-stream states one plan of this set can need: a chain
+    through every layer (``all``), or through every MLP when no plan has attention."""
+    L = plans.n_layers
+    ones = np.ones((1, L), bool)
+    attn = ones if plans.attn.any() else ~ones
+    chain = PlanSet(attn, None, ones, ones, ones)
+    _, full, small = TreeExecutor.arena_sizes(build_tree(step_keys(chain).keys), free_skips)
+    return full * full_bytes + small * small_bytes
+
+
 def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
     """Start/stop of runs of equal values in a sorted array."""
     if len(flags) == 0:
@@ -92,9 +114,9 @@ class TreeExecutor:
                 yield idx, tree
             elif len(idx) == 1:
                 raise MemoryBudgetError(
-                    f"one plan needs {need / 2**20:.0f} MiB of residual-stream states but the "
-                    f"memory budget allows {budget / 2**20:.0f} MiB; raise max_memory or use "
-                    "fewer/shorter prompts"
+                    f"one plan needs {format_bytes(need)} of residual-stream states but the "
+                    f"memory budget leaves {format_bytes(budget)} for them; raise max_memory "
+                    "or use fewer/shorter prompts"
                 )
             else:
                 half = len(idx) // 2

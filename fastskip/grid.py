@@ -146,6 +146,14 @@ def concat(*sets: PlanSet) -> PlanSet:
     """Plan sets one after the other (same model size)."""
     if not sets:
         raise PlanError("concat needs at least one plan set")
+    sizes = {(s.n_layers, s.n_heads) for s in sets}
+    if len({n for n, _ in sizes}) > 1 or len({h for _, h in sizes} - {None}) > 1:
+        shown = " and ".join(f"{n} layers x {h or 'any'} heads" for n, h in sorted(
+            sizes, key=lambda x: (x[0], x[1] or 0)))
+        raise PlanError(f"concat: the plan sets are for different model sizes ({shown})")
+    if len(sizes) > 1:  # whole-attention sets (any heads) join sets with heads
+        n_heads = max(h for _, h in sizes if h is not None)
+        sets = tuple(PlanSet.from_plans(s, s.n_layers, n_heads) for s in sets)
     fields = ("attn", "heads", "mlp", "attn_ln", "mlp_ln")
     return PlanSet(*(np.concatenate([getattr(s, f) for s in sets]) for f in fields))
 

@@ -47,13 +47,17 @@ class PromptBatch:
 def _as_str_list(values: str | Sequence[str], what: str) -> list[str]:
     if isinstance(values, str):
         return [values]
+    if isinstance(values, (bytes, bytearray)):
+        raise InputError(f"{what} must be a string or a list of strings, got bytes "
+                         f"({values!r}); decode it first")
     if not isinstance(values, Sequence):
         raise InputError(f"{what} must be a string or a list of strings, got "
                          f"{type(values).__name__}")
     out = list(values)
     for i, v in enumerate(out):
         if not isinstance(v, str):
-            raise InputError(f"{what[:-1]} {i} is a {type(v).__name__} ({v!r}); expected a string")
+            one = what[:-1].replace("_", " ")
+            raise InputError(f"{one} {i} is a {type(v).__name__} ({v!r}); expected a string")
     return out
 
 
@@ -63,16 +67,21 @@ def _short(text: str, n: int = 40) -> str:
 
 def make_batch(model: Any, prompts: str | Sequence[str], answers: str | Sequence[str],
                prepend_bos: bool | None = None, prepend_space_to_answer: bool = False,
-               device: torch.device | str = "cpu") -> PromptBatch:
+               device: torch.device | str = "cpu", what: str = "answers") -> PromptBatch:
     """Tokenize prompts and answers with ``model``'s tokenizer (TransformerLens's
-    ``to_tokens``); raises ``InputError`` naming the prompt at fault."""
+    ``to_tokens``); raises ``InputError`` naming the prompt at fault. ``what``
+    names the answers in messages (``"wrong_answers"`` for the logit difference)."""
     prompts_l = _as_str_list(prompts, "prompts")
-    answers_l = _as_str_list(answers, "answers")
+    answers_l = _as_str_list(answers, what)
+    one = what[:-1].replace("_", " ")  # "answer", "wrong answer"
     if not prompts_l:
         raise InputError("no prompts given")
     if len(prompts_l) != len(answers_l):
-        raise InputError(f"got {len(prompts_l)} prompts but {len(answers_l)} answers; give one "
-                         "answer per prompt")
+        raise InputError(f"{what}: got {len(prompts_l)} prompts but {len(answers_l)} {what}; "
+                         f"give one {one} per prompt")
+    for i, (p, a) in enumerate(zip(prompts_l, answers_l, strict=True)):
+        if a == "":
+            raise InputError(f"{one} {i} (for prompt {i} {_short(p)}) is empty")
     if getattr(model, "tokenizer", None) is None:
         raise InputError("the model has no tokenizer; pass token ids to runner.logits instead")
     if prepend_bos is None:
@@ -82,8 +91,6 @@ def make_batch(model: Any, prompts: str | Sequence[str], answers: str | Sequence
     n_ctx = model.cfg.n_ctx
     rows, p_lens, a_ids = [], [], []
     for i, (p, a) in enumerate(zip(prompts_l, answers_l, strict=True)):
-        if a == "":
-            raise InputError(f"answer {i} (for prompt {i} {_short(p)}) is empty")
         pt = model.to_tokens(p, prepend_bos=prepend_bos, truncate=False)[0].cpu() if p or \
             prepend_bos else torch.zeros(0, dtype=torch.long)
         at = model.to_tokens(a, prepend_bos=False, truncate=False)[0].cpu()
@@ -91,7 +98,7 @@ def make_batch(model: Any, prompts: str | Sequence[str], answers: str | Sequence
             raise InputError(f"prompt {i} {_short(p)} is empty after tokenization "
                              "(with prepend_bos=False): there is nothing to predict from")
         if len(at) == 0:
-            raise InputError(f"answer {i} {_short(a)} is empty after tokenization")
+            raise InputError(f"{one} {i} {_short(a)} is empty after tokenization")
         need = len(pt) + len(at) - 1
         if need > n_ctx:
             raise InputError(
@@ -130,6 +137,9 @@ def check_tokens(tokens: Any, d_vocab: int, n_ctx: int, device: torch.device) ->
     if not isinstance(tokens, torch.Tensor):
         raise InputError(f"tokens must be a torch.LongTensor [batch, pos], got "
                          f"{type(tokens).__name__}")
+    if tokens.device.type == "meta":
+        raise InputError("tokens are on the meta device, which holds no values; give real "
+                         "token ids")
     if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise InputError(f"tokens must be integer ids (torch.long), got dtype {tokens.dtype}")
     if tokens.ndim == 1:

@@ -1,5 +1,6 @@
 """The naive one-pass masked forward: every plan computes every component and
-multiplies its output by the plan's mask. No sharing, no skipping.
+keeps its output where the plan's mask says so (a select, so a skipped
+component's inf/NaN output never reaches the plan). No sharing, no skipping.
 
 It is the baseline the prefix tree is measured against (``Runner(...,
 strategy="masked")``) and an independent second implementation for tests.
@@ -50,19 +51,22 @@ class MaskedExecutor:
                 attn_ln = as_t(plans.attn_ln[:, layer])[:, None, None, None, None]
                 z = torch.where(attn_ln, z, blocks.attention_z(x, lw, cfg, False))
             heads = as_t(plans.heads[:, layer])
-            on = as_t(plans.attn[:, layer]).to(dt)[:, None, None, None]
+            on = as_t(plans.attn[:, layer])[:, None, None, None]  # bool
+            # Skipped components are selected away (torch.where), never multiplied by 0:
+            # a NaN/inf output of a component a plan skips must not reach that plan.
             if sources is None:
-                x = x + blocks.attention_out(z, lw, heads) * on
+                x = x + blocks.where_kept(on, blocks.attention_out(z, lw, heads))
             else:  # removed heads take the source's z, a skipped layer the source's output
                 z = torch.where(heads[:, None, None, :, None], z, sources.z[layer])
-                x = x + blocks.attention_out(z, lw) * on + sources.attn[layer] * (1 - on)
-            keep = as_t(plans.mlp[:, layer]).to(dt)
-            noln = as_t(~plans.mlp_ln[:, layer]).to(dt)
+                x = x + torch.where(on, blocks.attention_out(z, lw), sources.attn[layer])
+            keep = as_t(plans.mlp[:, layer])
+            noln = as_t(~plans.mlp_ln[:, layer])
             x_in = x
-            x = self.ops.mlp_update(x_in, layer, True, keep * (1 - noln))
+            x = self.ops.mlp_update(x_in, layer, True, (keep & ~noln).to(dt))
             if noln.any():
-                x = x + blocks.mlp(x_in, lw, cfg, False) * (keep * noln)[:, None, None, None]
+                x = x + blocks.where_kept((keep & noln)[:, None, None, None],
+                                          blocks.mlp(x_in, lw, cfg, False))
             if sources is not None:
-                x = x + sources.mlp[layer] * (1 - keep)[:, None, None, None]
+                x = x + blocks.where_kept(~keep[:, None, None, None], sources.mlp[layer])
         n, B, _, d = x.shape
         return torch.gather(x, 2, q_pos[None, :, :, None].expand(n, B, q_pos.shape[1], d))

@@ -91,12 +91,14 @@ class StepOps:
     # -- the three updates ---------------------------------------------------
     def mlp_update(self, x: torch.Tensor, layer: int, apply_ln: bool,
                    scale: torch.Tensor | None = None) -> torch.Tensor:
-        """x + MLP(norm(x)); ``scale`` [n] multiplies the MLP output per state."""
+        """x + MLP(norm(x)); ``scale`` [n] multiplies the MLP output per state, and a
+        state with scale 0 gets exactly x (even where its MLP output is inf or NaN)."""
         lw = self.w.layer(layer)
         if self.kernels:
             return self._mlp_kernels(x, lw, apply_ln, scale)
         if scale is not None:
-            return x + blocks.mlp(x, lw, self.cfg, apply_ln) * scale.view(-1, *[1] * (x.ndim - 1))
+            s = scale.to(x.dtype).view(-1, *[1] * (x.ndim - 1))
+            return x + blocks.where_kept(s, blocks.mlp(x, lw, self.cfg, apply_ln) * s)
         return self._timed(("mlp", apply_ln, x.ndim), self._mlp, x, lw, self.cfg, apply_ln)
 
     def attention_z(self, x: torch.Tensor, layer: int, apply_ln: bool,

@@ -320,6 +320,9 @@ def as_plans(plans: PlanLike | Sequence[PlanLike], n_layers: int, n_heads: int) 
     """Normalise one plan or a sequence of plans/strings into bound plans."""
     if isinstance(plans, (str, Plan)):
         plans = [plans]
+    if isinstance(plans, (bytes, bytearray)):
+        raise PlanError(f"plans must be a Plan, a string or a list of them, got bytes "
+                        f"({plans!r}); decode it first")
     if isinstance(plans, np.ndarray) or not isinstance(plans, Sequence):
         try:
             plans = list(plans)  # type: ignore[arg-type]

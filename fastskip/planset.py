@@ -27,10 +27,14 @@ class PlanSet(Sequence[Plan]):
                  attn_ln: np.ndarray, mlp_ln: np.ndarray):
         """``heads=None`` means every head of each kept attention layer; such a
         set binds to a model with any number of heads."""
+        attn, mlp, attn_ln, mlp_ln = (np.asarray(a) for a in (attn, mlp, attn_ln, mlp_ln))
+        if attn.ndim != 2:
+            raise PlanError(f"attn masks must have shape [plans, n_layers], got {attn.shape}")
         p, n_layers = attn.shape
         self._any_heads = heads is None
         if heads is None:
             heads = attn[:, :, None]
+        heads = np.asarray(heads)
         if heads.ndim != 3 or heads.shape[:2] != (p, n_layers):
             raise PlanError(f"heads masks must have shape [{p}, {n_layers}, n_heads]")
         for name, a in (("mlp", mlp), ("attn_ln", attn_ln), ("mlp_ln", mlp_ln)):

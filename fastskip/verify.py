@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .ablation import Ablation
-from .errors import CheckError
+from .errors import CheckError, InputError
 from .inputs import PromptBatch
 from .planset import PlanSet
 from .reference import check_report, reference_logits
@@ -50,7 +50,7 @@ def verify_run(runner: Any, ps: PlanSet, batch: PromptBatch, res: Results, k: in
                ablation: Ablation | None) -> None:
     """Re-check the returned answer logits and ranks of k plans of a ``run`` call."""
     if ablation is not None and ablation.tokens is None:
-        raise CheckError("verify needs the ablation as tokens (fs.Ablation.mean(tokens=...) "
+        raise InputError("verify needs the ablation as tokens (fs.Ablation.mean(tokens=...) "
                          "or fs.Ablation.resample(tokens=...)) to rebuild it with hooks")
     idx = pick(len(ps), k, seed)
     reduced = runner.dtype != torch.float32

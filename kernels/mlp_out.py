@@ -1,5 +1,8 @@
 """Fused MLP output projection + residual: ``resid + scale[:, None] * (h @ W_out + b_out)``.
 
+A row whose scale is 0 gets exactly ``resid``: the scale selects rather than multiplies, so a
+non-finite MLP output in a switched-off row (NaN x 0 = NaN) cannot leak into the result.
+
 ``mlp_out_residual`` is the Triton kernel (bias, per-row scale and residual add live in the
 matmul epilogue); ``mlp_out_residual_torch`` is its pure-torch twin.
 """
@@ -66,7 +69,8 @@ def _mlp_out_kernel(
         acc += tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_SCALE:
         scale = tl.load(s_ptr + rows * stride_s, mask=mask_m, other=0.0).to(tl.float32)
-        acc = acc * scale[:, None]
+        # select, not multiply: a switched-off row adds exactly 0 even if its acc is inf/NaN
+        acc = tl.where(scale[:, None] != 0.0, acc * scale[:, None], 0.0)
     mask_o = mask_m[:, None] & mask_n[None, :]
     r_ptrs = r_ptr + rows[:, None] * stride_rm + offs_n[None, :] * stride_rd
     out = tl.load(r_ptrs, mask=mask_o, other=0.0).to(tl.float32) + acc
@@ -99,7 +103,8 @@ def mlp_out_residual(
         b_out: [D] bias (any float dtype) or None.
         resid: [M, D] residual stream, same dtype as ``h``; not modified.
         scale: [M] per-row multiplier of the MLP output (any float dtype) or None (= 1), e.g. a
-            0/1 keep mask or a gate.
+            0/1 keep mask or a gate. Rows with scale 0 return ``resid`` exactly, even where the
+            MLP output is inf or NaN.
         block_m, block_n, block_k: tile sizes (powers of two >= 16); None = GPU defaults
             (64, 128, 32; block_k 16 for float32, which keeps H100 registers spill-free).
         num_warps, num_stages: Triton launch settings.
@@ -155,11 +160,13 @@ def mlp_out_residual_torch(
     """Pure-torch twin of :func:`mlp_out_residual` (same math, plain torch ops).
 
     Computes in float32 (float64 if ``h`` is float64) and casts the result to ``h.dtype``.
+    Rows with scale 0 return ``resid`` exactly (select semantics, like the kernel).
     """
     acc = acc_dtype(h.dtype)
     y = h.to(acc) @ w_out.to(acc)
     if b_out is not None:
         y = y + b_out.to(acc)
     if scale is not None:
-        y = y * scale.to(acc)[:, None]
+        s = scale.to(acc)[:, None]
+        y = torch.where(s != 0, y * s, torch.zeros((), dtype=acc, device=y.device))
     return (resid.to(acc) + y).to(h.dtype)

@@ -61,7 +61,7 @@ def test_masked_and_tree_strategies_agree_and_chunking_is_invisible(tiny, prompt
     masked = fs.Runner(tiny, strategy="masked").logits(plans, prompt_tokens, last_only=True)
     assert (ref - masked).abs().max() <= ATOL
     # a tiny budget forces many chunks, tiny matmul batches and unembedding batches
-    small = fs.Runner(tiny, max_memory="3MB").logits(plans, prompt_tokens, last_only=True)
+    small = fs.Runner(tiny, max_memory="5MB").logits(plans, prompt_tokens, last_only=True)
     assert (ref - small).abs().max() <= 1e-5
     # order and duplicates do not matter
     perm = np.random.default_rng(0).permutation(len(plans))
