@@ -153,4 +153,6 @@ def embed(tokens: torch.Tensor, w: StackedWeights, positions: torch.Tensor | Non
 
 def unembed(x: torch.Tensor, w: StackedWeights) -> torch.Tensor:
     """Final norm and unembedding: logits [..., d_vocab_out]."""
-    return normalize(x, w.lnf_w, w.lnf_b, w.config, True) @ w.W_U + w.b_U
+    h = normalize(x, w.lnf_w, w.lnf_b, w.config, True)
+    flat = torch.addmm(w.b_U, h.reshape(-1, h.shape[-1]), w.W_U)  # bias in the GEMM: one pass
+    return flat.view(*h.shape[:-1], flat.shape[-1])

@@ -37,8 +37,10 @@ def answer_metrics(logits: torch.Tensor, answer: torch.Tensor, top_k: int) -> An
     rank = (x > ans[:, None]).sum(dim=1)
     k = min(max(int(top_k), 0), x.shape[1])
     top_logits, top_ids = x.topk(k, dim=1) if k else (x[:, :0], answer[:, None][:, :0])
-    # overflowed rows (inf/NaN anywhere) have no meaningful rank: never report one
-    bad = ~torch.isfinite(x).all(dim=1)
+    # overflowed rows (inf/NaN anywhere) have no meaningful rank: never report one.
+    # NaN or +inf anywhere makes logsumexp NaN/inf, -inf shows in the minimum: two
+    # cheap reductions instead of an elementwise isfinite over the vocabulary
+    bad = ~(torch.isfinite(lse) & torch.isfinite(x.amin(dim=1)))
     if bool(bad.any()):
         nan = torch.tensor(float("nan"), device=x.device)
         rank = torch.where(bad, torch.full_like(rank, -1), rank)

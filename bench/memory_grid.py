@@ -1,0 +1,66 @@
+"""Peak memory and time of a large grid under a memory budget (not a pytest test:
+it takes minutes; tests/test_memory.py has the scaled-down test).
+
+    .venv/bin/python bench/memory_grid.py --budget 2GB            # 65,536 plans, GPT-2 small
+    .venv/bin/python bench/memory_grid.py --budget 2GB --components 12
+
+The grid is every subset of the attention layers and MLPs of layers 0-7 (16
+components: 2^16 = 65,536 plans) of ``gpt2-small-random``, run on the README's
+two prompts. Peak resident memory is read from Linux's VmHWM after resetting it
+(``/proc/self/clear_refs``) once the model and the runner are built, so the
+increase is what the run itself took: activations, results and bookkeeping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import fastskip as fs
+from fastskip.engine import parse_memory
+
+MiB = 2**20
+
+
+def status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--budget", default="2GB", help="max_memory (default 2GB)")
+    ap.add_argument("--components", type=int, default=16, help="grid over the first N "
+                    "components of 0.attn, 0.mlp, 1.attn, ... (2^N plans; default 16)")
+    ap.add_argument("--top-k", type=int, default=10)
+    args = ap.parse_args()
+    model = fs.load_model("gpt2-small-random")
+    runner = fs.Runner(model, max_memory=args.budget, verbose=False)
+    comps = [f"{layer}.{part}" for layer in range(12) for part in ("attn", "mlp")]
+    plans = fs.grid.component_subsets(comps[: args.components], 12, 12)
+    prompts, answers = ["1 2 3 4", "January February March April"], [" 5", " May"]
+    runner.run(plans.take(range(4)), prompts, answers, top_k=args.top_k)  # warm up
+    gc.collect()
+    before = status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    t0 = time.perf_counter()
+    res = runner.run(plans, prompts, answers, top_k=args.top_k, progress=False)
+    seconds = time.perf_counter() - t0
+    peak = status_bytes("VmHWM")
+    budget = parse_memory(args.budget) or 0
+    increase = peak - before
+    print(f"{len(plans)} plans x {len(prompts)} prompts on {runner.model_name}, "
+          f"max_memory {args.budget}: {seconds:.1f} s ({seconds / len(plans) * 1e3:.2f} ms/plan)")
+    print(f"RSS before the run {before / MiB:.0f} MiB (model + stacked weights), peak "
+          f"{peak / MiB:.0f} MiB: the run took +{increase / MiB:.0f} MiB "
+          f"({'within' if increase <= budget else 'OVER'} the {budget / MiB:.0f} MiB budget)")
+    print(f"ranks >= 0 for {int((res.rank >= 0).sum())} of {res.rank.numel()} answers")
+
+
+if __name__ == "__main__":
+    main()
