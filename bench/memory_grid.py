@@ -4,8 +4,9 @@ it takes minutes; tests/test_memory.py has the scaled-down test).
     .venv/bin/python bench/memory_grid.py --budget 2GB            # 65,536 plans, GPT-2 small
     .venv/bin/python bench/memory_grid.py --budget 2GB --components 12
 
-The grid is every subset of the attention layers and MLPs of layers 0-7 (16
-components: 2^16 = 65,536 plans) of ``gpt2-small-random``, run on the README's
+The grid removes every subset of the attention layers and MLPs of the last
+layers (``--components 16``: layers 4-11, 2^16 = 65,536 plans) of
+``gpt2-small-random``, run on the README's
 two prompts. Peak resident memory is read from Linux's VmHWM after resetting it
 (``/proc/self/clear_refs``) once the model and the runner are built, so the
 increase is what the run itself took: activations, results and bookkeeping.
@@ -34,14 +35,14 @@ def status_bytes(field: str) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", default="2GB", help="max_memory (default 2GB)")
-    ap.add_argument("--components", type=int, default=16, help="grid over the first N "
-                    "components of 0.attn, 0.mlp, 1.attn, ... (2^N plans; default 16)")
+    ap.add_argument("--components", type=int, default=16, help="grid over the last N "
+                    "components of 0.attn, 0.mlp, ..., 11.mlp (2^N plans; default 16)")
     ap.add_argument("--top-k", type=int, default=10)
     args = ap.parse_args()
     model = fs.load_model("gpt2-small-random")
     runner = fs.Runner(model, max_memory=args.budget, verbose=False)
     comps = [f"{layer}.{part}" for layer in range(12) for part in ("attn", "mlp")]
-    plans = fs.grid.component_subsets(comps[: args.components], 12, 12)
+    plans = fs.grid.component_subsets(comps[len(comps) - args.components:], 12, 12)
     prompts, answers = ["1 2 3 4", "January February March April"], [" 5", " May"]
     runner.run(plans.take(range(4)), prompts, answers, top_k=args.top_k)  # warm up
     gc.collect()
