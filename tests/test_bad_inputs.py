@@ -4,8 +4,7 @@ the prompt index, the option), and broken numbers (NaN/inf) are reported, never
 ranked. One case per id; cases already in tests/test_plan.py, test_engine.py and
 test_ablation.py are not repeated.
 
-Tests marked ``BUG:`` in their docstring fail on the current code; the report
-that came with this file has a reproduction and a patch for each.
+Docstrings starting "Fixed:" describe what the code did before the fix.
 """
 
 from __future__ import annotations
@@ -126,20 +125,20 @@ def test_empty_plan_sets_and_non_plans(tiny_runner, tokens, name):
 
 
 def test_bytes_as_plans_is_named():
-    """BUG: b"all" is a Sequence of ints: the error says 'plan #0 is a int (97)'."""
+    """Fixed: b"all" is a Sequence of ints: the error says 'plan #0 is a int (97)'."""
     with pytest.raises(fs.PlanError, match="bytes"):
         fs.PlanSet.from_plans(b"all", L, H)  # type: ignore[arg-type]
 
 
 def test_planset_from_1d_arrays_is_a_plan_error():
-    """BUG: 1-D mask arrays fail with numpy's 'not enough values to unpack'."""
+    """Fixed: 1-D mask arrays fail with numpy's 'not enough values to unpack'."""
     ones = np.ones(3, bool)
     with pytest.raises(fs.PlanError, match=r"attn masks must have shape \[plans, n_layers\]"):
         fs.PlanSet(ones, None, ones, ones, ones)
 
 
 def test_concat_of_plan_sets_for_different_models():
-    """BUG: numpy's concatenation error instead of a PlanError naming the sizes."""
+    """Fixed: numpy's concatenation error instead of a PlanError naming the sizes."""
     with pytest.raises(fs.PlanError, match="3 layers .* 4 layers"):
         fs.grid.concat(fs.grid.random_plans(2, 3, 4), fs.grid.random_plans(2, 4, 4))
 
@@ -195,14 +194,14 @@ def test_bad_prompts_and_answers_name_the_prompt(tiny_runner, name):
 
 
 def test_empty_answer_with_prepend_space_is_refused(tiny_runner):
-    """BUG: the space is prepended before the emptiness check, so '' silently
+    """Fixed: the space is prepended before the emptiness check, so '' silently
     becomes the answer ' '."""
     with pytest.raises(fs.InputError, match=r"answer 0 .* is empty"):
         tiny_runner.run(["all"], ["1 2 3"], [""], prepend_space_to_answer=True)
 
 
 def test_bytes_prompts_are_named(tiny_runner):
-    """BUG: b"1 2 3" is a Sequence of ints: 'prompt 0 is a int (49)'."""
+    """Fixed: b"1 2 3" is a Sequence of ints: 'prompt 0 is a int (49)'."""
     with pytest.raises(fs.InputError, match="bytes"):
         tiny_runner.run(["all"], b"1 2 3", [" 4"])  # type: ignore[arg-type]
 
@@ -212,7 +211,7 @@ def test_bytes_prompts_are_named(tiny_runner):
     ([" 4", ""], r"wrong answer 1 .*is empty"),
 ], ids=["wrong-answers-count", "wrong-answer-empty"])
 def test_wrong_answers_are_named_as_wrong_answers(tiny_runner, wrong, match):
-    """BUG: wrong_answers go through the answers' checks and are reported as
+    """Fixed: wrong_answers go through the answers' checks and are reported as
     'answers' ('got 2 prompts but 1 answers', 'answer 1 ... is empty')."""
     with pytest.raises(fs.InputError, match=match):
         tiny_runner.run(["all"], ["1 2", "3 4"], [" 3", " 5"], wrong_answers=wrong)
@@ -242,14 +241,14 @@ def test_bad_token_tensors_are_named(tiny_runner, tokens, name):
 
 
 def test_tokens_on_the_meta_device_are_named(tiny_runner, tokens):
-    """BUG: 'Tensor.item() cannot be called on meta tensors' from deep in check_tokens.
+    """Fixed: 'Tensor.item() cannot be called on meta tensors' from deep in check_tokens.
     (No CUDA here: the meta device stands in for a device the runner cannot read.)"""
     with pytest.raises(fs.InputError, match="meta"):
         tiny_runner.logits(["all"], tokens.to("meta"))
 
 
 def test_runner_on_the_meta_device_is_refused(tiny):
-    """BUG: Runner(device="meta") is accepted; logits() then returns a tensor with
+    """Fixed: Runner(device="meta") is accepted; logits() then returns a tensor with
     no values and run() fails inside the metrics."""
     with pytest.raises(fs.FastskipError, match="meta"):
         fs.Runner(tiny, device="meta")
@@ -298,7 +297,7 @@ def test_unsupported_architectures_are_named(name):
 
 @pytest.mark.parametrize("model", ["gpt2-small", None], ids=["model-name", "none"])
 def test_runner_needs_a_model_object(model):
-    """BUG: Runner("gpt2-small") fails with "'str' object has no attribute 'cfg'"."""
+    """Fixed: Runner("gpt2-small") fails with "'str' object has no attribute 'cfg'"."""
     with pytest.raises(fs.FastskipError, match="HookedTransformer"):
         fs.Runner(model)
 
@@ -325,7 +324,7 @@ def test_bad_max_memory(tiny, value, match):
 @pytest.mark.parametrize("value", ["1.2.3GB", ".", float("nan"), float("inf"), 0.5],
                          ids=["two-dots", "dot", "nan", "inf", "half-a-byte"])
 def test_max_memory_that_python_cannot_convert(tiny, value):
-    """BUG: '1.2.3GB' and '.' raise float()'s ValueError, nan/inf int()'s errors, and
+    """Fixed: '1.2.3GB' and '.' raise float()'s ValueError, nan/inf int()'s errors, and
     0.5 (bytes: 0 after int()) silently falls back to the default budget."""
     with pytest.raises(fs.FastskipError, match="max_memory"):
         fs.Runner(tiny, max_memory=value)
@@ -338,7 +337,7 @@ def test_negative_top_k(tiny_runner):
 
 @pytest.mark.parametrize("value", [2.5, None], ids=["float", "none"])
 def test_top_k_that_is_not_an_int(tiny_runner, value):
-    """BUG: torch.full's / '<' TypeError instead of an InputError naming top_k."""
+    """Fixed: torch.full's / '<' TypeError instead of an InputError naming top_k."""
     with pytest.raises(fs.InputError, match="top_k"):
         tiny_runner.run(["all"], ["1 2"], [" 3"], top_k=value)
 
@@ -351,7 +350,7 @@ def test_bad_strategy(tiny, value):
 
 
 def test_verify_with_an_ablation_given_as_prompts_is_refused_up_front(tiny):
-    """BUG: Runner(verify=k).run(..., ablation=fs.Ablation.mean(prompts)) computes the
+    """Fixed: Runner(verify=k).run(..., ablation=fs.Ablation.mean(prompts)) computes the
     whole plan set, then raises CheckError (the type for a fast path that disagrees
     with the reference) for what is a usage error."""
     runner = fs.Runner(tiny, verify=1)
@@ -408,7 +407,7 @@ BAD_ABLATION_TOKENS = {
 @pytest.mark.parametrize("kind", ["mean", "resample"])
 @pytest.mark.parametrize("name", list(BAD_ABLATION_TOKENS))
 def test_bad_ablation_tokens_are_named(tiny_runner, tokens, kind, name):
-    """BUG: ablation token ids are not validated like the prompt tokens: negative ids
+    """Fixed: ablation token ids are not validated like the prompt tokens: negative ids
     and float ids give silently wrong numbers, the rest torch errors."""
     bad = BAD_ABLATION_TOKENS[name](tokens)
     with pytest.raises(fs.InputError, match="ablation"):
@@ -417,7 +416,7 @@ def test_bad_ablation_tokens_are_named(tiny_runner, tokens, kind, name):
 
 
 def test_one_dimensional_ablation_tokens_are_one_row(tiny_runner, tokens):
-    """BUG: tokens [T] are one row for runner.logits, but mean ablation tokens [T]
+    """Fixed: tokens [T] are one row for runner.logits, but mean ablation tokens [T]
     fail with 'tuple index out of range'."""
     src = torch.randint(0, 50000, (1, 5), generator=torch.Generator().manual_seed(0))
     want = tiny_runner.logits(["all,-1"], tokens, ablation=fs.Ablation.mean(tokens=src))
@@ -426,7 +425,7 @@ def test_one_dimensional_ablation_tokens_are_one_row(tiny_runner, tokens):
 
 
 def test_unknown_ablation_kind(tiny_runner, tokens):
-    """BUG: fs.Ablation("median", tokens=...) runs as a resample ablation."""
+    """Fixed: fs.Ablation("median", tokens=...) runs as a resample ablation."""
     with pytest.raises(fs.InputError, match="median"):
         tiny_runner.logits(["all,-1"], tokens, ablation=fs.Ablation("median", tokens=tokens))
 
@@ -474,7 +473,7 @@ def test_nan_in_the_unembedding_fails_every_plan_loudly():
 
 @pytest.mark.parametrize("kernels", [False, True], ids=["torch", "triton-kernels"])
 def test_nan_weight_in_a_skipped_component_under_the_masked_strategy(kernels):
-    """BUG: the masked strategy multiplies a skipped component's output by 0, and
+    """Fixed: the masked strategy multiplies a skipped component's output by 0, and
     NaN x 0 = NaN: plans that skip the broken MLP get rank -1 and an overflow
     warning, while the reference (and the tree strategy) rank them. The fused
     kernel's per-row scale (kernels=True, here in Triton's interpreter) does the same."""
@@ -491,7 +490,7 @@ def test_nan_weight_in_a_skipped_component_under_the_masked_strategy(kernels):
 
 
 def test_inf_in_a_removed_head_does_not_poison_the_plan(tiny):
-    """BUG: removed heads are masked by multiplying z by 0; an inf in that head's
+    """Fixed: removed heads are masked by multiplying z by 0; an inf in that head's
     values gives inf x 0 = NaN, so 'all,-2.1' is reported as overflowing while the
     reference (hook_z set to zero) gives finite logits."""
     model = small_model(seed=6)
@@ -504,7 +503,7 @@ def test_inf_in_a_removed_head_does_not_poison_the_plan(tiny):
 
 
 def test_bf16_exact_ranks_survive_an_overflowing_plan():
-    """BUG: with dtype=bfloat16, one overflowing plan in the error sample makes the
+    """Fixed: with dtype=bfloat16, one overflowing plan in the error sample makes the
     measured error NaN, the ambiguity window NaN, and no plan is recomputed in fp32:
     every other plan silently gets its bf16 rank (31 of 36 ranks wrong here)."""
     model = small_model(seed=5)

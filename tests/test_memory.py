@@ -7,15 +7,20 @@ Peak RSS is measured with Linux's /proc: writing 5 to /proc/self/clear_refs
 resets VmHWM (the high-water mark of the resident set), which is read after the
 run and compared with VmRSS before it.
 
-The GPT-2-small-sized measurement (65,536 plans, max_memory="2GB") is not a test:
-see the report that came with this file for its numbers and command.
+The grid runs in a fresh process: in one that did bigger work before (the rest
+of the suite), the allocator reuses freed pages and the increase reads 0.
+The GPT-2-small-sized measurement (65,536 plans, max_memory="2GB", minutes) is
+``bench/memory_grid.py``.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import re
+import subprocess
+import sys
 from contextlib import contextmanager
 
 import numpy as np
@@ -27,6 +32,8 @@ import fastskip as fs
 from fastskip.execute import TreeExecutor
 from fastskip.schedule import build_tree, step_keys
 from helpers import small_model
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 MiB = 2**20
 SLACK = 16 * MiB  # interpreter, allocator fragmentation, small temporaries: fixed, not per plan
@@ -79,8 +86,7 @@ def schedule_bytes(ps: fs.PlanSet) -> int:
     return masks + keys.nbytes + 3 * tree_bytes + 2 * len(ps) * 8
 
 
-@pytest.fixture(scope="module")
-def model8():
+def make_model8():
     """8 layers, d_model 32, the GPT-2 tokenizer and vocabulary (50,257 logits per row)."""
     return small_model(seed=21, tokenizer=tokenizer(), n_layers=8, d_model=32, d_head=8,
                        n_heads=4, d_mlp=128, n_ctx=64)
@@ -92,12 +98,14 @@ PROMPTS2 = ["1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 2
 ANSWERS2 = [" 29", " December"]
 
 
-@pytest.mark.parametrize("n_components", [
-    10, pytest.param(16, marks=pytest.mark.slow)], ids=["1024-plans", "65536-plans"])
-def test_component_grid_stays_within_the_memory_budget(model8, n_components):
+def measure_grid(n_components: int) -> dict[str, float]:
+    """Run a 2^n component grid under a small budget and return the peak RSS
+    increase, the allowance and the agreement with unbudgeted runs. Called in a
+    fresh process (see the test): in a process that ran bigger work before, the
+    allocator reuses freed pages and the increase reads 0."""
+    model8 = make_model8()
     comps = [f"{L}.{part}" for L in range(8) for part in ("attn", "mlp")][:n_components]
     plans = fs.grid.component_subsets(comps, 8, 4)
-    assert len(plans) == 2**n_components
     budget = 8 * MiB if n_components == 10 else 24 * MiB
     runner = fs.Runner(model8, max_memory=budget, verbose=False)
     ps = runner.plan_set(plans)
@@ -105,26 +113,44 @@ def test_component_grid_stays_within_the_memory_budget(model8, n_components):
     T = max(model8.to_tokens(p + a).shape[1] - 1 for p, a in zip(PROMPTS2, ANSWERS2, strict=True))
     _, full, small = TreeExecutor.arena_sizes(build_tree(step_keys(ps).keys))
     arena = (full * T + small) * len(PROMPTS2) * 32 * 4
-    assert arena > budget // 2, "the budget must force the plans into several chunks"
     runner.run(ps.take(range(8)), PROMPTS2, ANSWERS2, top_k=5)  # warm up lazy imports
     with peak_rss() as mem:
         res = runner.run(ps, PROMPTS2, ANSWERS2, top_k=5, progress=False)
-    allowance = results_bytes(res) + schedule_bytes(ps) + SLACK
-    print(f"\n{len(ps)} plans: peak RSS +{mem['increase'] / MiB:.1f} MiB; budget "
-          f"{budget / MiB:.0f} MiB + allowance {allowance / MiB:.1f} MiB (results "
-          f"{results_bytes(res) / MiB:.1f}, schedule {schedule_bytes(ps) / MiB:.1f}, slack "
-          f"{SLACK / MiB:.0f}); whole-tree arena {arena / MiB:.1f} MiB")
-    assert mem["increase"] <= budget + allowance
-    assert res.rank.shape == (len(ps), 2, 1) and (res.rank >= 0).all()
     # chunking changed nothing: a sample of plans run alone, without a budget
     idx = np.random.default_rng(0).choice(len(ps), 24, replace=False)
     alone = fs.Runner(model8, verbose=False).run(ps.take(idx), PROMPTS2, ANSWERS2, top_k=5)
-    assert (alone.logit - res.logit[idx]).abs().max() <= 1e-5
-    assert (alone.rank - res.rank[idx]).abs().max() <= 2  # equal up to near-ties
+    return dict(plans=len(ps), budget=budget, increase=mem["increase"], arena=arena,
+                results=results_bytes(res), schedule=schedule_bytes(ps),
+                all_ranked=bool((res.rank >= 0).all()), shape_ok=res.rank.shape == (len(ps), 2, 1),
+                logit_diff=float((alone.logit - res.logit[idx]).abs().max()),
+                rank_diff=int((alone.rank - res.rank[idx]).abs().max()))
+
+
+@pytest.mark.parametrize("n_components", [
+    10, pytest.param(16, marks=pytest.mark.slow)], ids=["1024-plans", "65536-plans"])
+def test_component_grid_stays_within_the_memory_budget(n_components):
+    code = (f"import json, sys; sys.path[:0] = [{TESTS!r}]; import test_memory; "
+            f"print(json.dumps(test_memory.measure_grid({n_components})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    allowance = m["results"] + m["schedule"] + SLACK
+    print(f"\n{m['plans']} plans: peak RSS +{m['increase'] / MiB:.1f} MiB; budget "
+          f"{m['budget'] / MiB:.0f} MiB + allowance {allowance / MiB:.1f} MiB (results "
+          f"{m['results'] / MiB:.1f}, schedule {m['schedule'] / MiB:.1f}, slack "
+          f"{SLACK / MiB:.0f}); whole-tree arena {m['arena'] / MiB:.1f} MiB")
+    assert m["plans"] == 2**n_components
+    assert m["arena"] > m["budget"] // 2, "the budget must force the plans into several chunks"
+    assert m["increase"] > 0, "the measurement saw nothing: RSS did not grow during the run"
+    assert m["increase"] <= m["budget"] + allowance
+    assert m["shape_ok"] and m["all_ranked"]
+    assert m["logit_diff"] <= 1e-5
+    assert m["rank_diff"] <= 2  # equal up to near-ties
 
 
 def test_budget_too_small_for_one_unembedding_row_is_not_silently_exceeded():
-    """BUG: the residual-stream arena raises MemoryBudgetError when one plan cannot
+    """Fixed: the residual-stream arena raises MemoryBudgetError when one plan cannot
     fit, but the unembedding and metric rows are clipped to one state and run
     anyway: 8 prompts x 16 answer tokens x 50,257 logits of one plan take ~25 MiB
     (plus temporaries) against a budget of 4 MiB, and nothing says so."""
@@ -148,14 +174,14 @@ def test_budget_too_small_for_one_unembedding_row_is_not_silently_exceeded():
 
 
 def test_masked_strategy_refuses_a_budget_below_one_plan(tiny, prompt_tokens):
-    """BUG: the tree strategy raises MemoryBudgetError for max_memory=1000 (see
+    """Fixed: the tree strategy raises MemoryBudgetError for max_memory=1000 (see
     test_engine.py); the masked strategy clips its chunk to one plan and runs."""
     with pytest.raises(fs.MemoryBudgetError, match="max_memory"):
         fs.Runner(tiny, strategy="masked", max_memory=1000).logits(["all"], prompt_tokens)
 
 
 def test_budget_error_comes_before_any_work(tiny):
-    """BUG: plans are split until each chunk fits, lazily: here plan '0.mlp' (no
+    """Fixed: plans are split until each chunk fits, lazily: here plan '0.mlp' (no
     attention: asked positions only) fits and is computed, then 'all' raises. A
     sweep can run for a long time before it learns that its budget is too small."""
     tokens = torch.randint(0, 50000, (4, 40), generator=torch.Generator().manual_seed(0))
@@ -168,7 +194,7 @@ def test_budget_error_comes_before_any_work(tiny):
 
 
 def test_budget_error_shows_sizes_that_differ(tiny, prompt_tokens):
-    """BUG: 'one plan needs 0 MiB ... but the memory budget allows 0 MiB': sizes
+    """Fixed: 'one plan needs 0 MiB ... but the memory budget allows 0 MiB': sizes
     under 1 MiB round to 0 and the message contradicts itself."""
     with pytest.raises(fs.MemoryBudgetError) as info:
         fs.Runner(tiny, max_memory=1000).logits(["all"], prompt_tokens)
