@@ -22,12 +22,10 @@ import torch
 
 from . import blocks
 from .errors import InputError
-from .inputs import check_tokens
+from .inputs import check_tokens, token_ids
 from .weights import StackedWeights
 
 KINDS = ("zero", "mean", "resample")
-# Integer dtypes accepted for token ids (the same set as ``inputs.check_tokens``).
-TOKEN_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,7 @@ class Ablation:
         if self.prompts is not None:
             object.__setattr__(self, "prompts", _check_prompts(kind, self.prompts))
             return
-        object.__setattr__(self, "tokens", _check_source_tokens(kind, self.tokens))
+        object.__setattr__(self, "tokens", token_ids(self.tokens, f"{kind} ablation tokens"))
 
     def __repr__(self) -> str:
         n = len(self.prompts) if self.prompts else (
@@ -94,26 +92,6 @@ def _check_prompts(kind: str, prompts: Any) -> tuple[str, ...]:
     if not prompts:
         raise InputError(f"{kind} ablation needs at least one prompt")
     return prompts
-
-
-def _check_source_tokens(kind: str, tokens: Any) -> torch.Tensor:
-    """The structure of ablation token ids (type, device, dtype, shape), as
-    ``inputs.check_tokens`` checks prompt tokens; [T] becomes [1, T]."""
-    what = f"{kind} ablation tokens"
-    if not isinstance(tokens, torch.Tensor):
-        raise InputError(f"{what} must be a torch.LongTensor [rows, pos], got "
-                         f"{type(tokens).__name__}")
-    if tokens.device.type == "meta":
-        raise InputError(f"{what} are on the meta device, which holds no values; give real "
-                         f"token ids")
-    if tokens.dtype not in TOKEN_DTYPES:
-        raise InputError(f"{what} must be integer ids (torch.long), got dtype {tokens.dtype}")
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
-        raise InputError(f"{what} must have shape [rows, pos] with rows >= 1 and pos >= 1, "
-                         f"got {tuple(tokens.shape)}")
-    return tokens
 
 
 def bound_source_tokens(ablation: Ablation, w: StackedWeights, device: torch.device

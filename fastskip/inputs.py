@@ -132,21 +132,29 @@ def make_batch(model: Any, prompts: str | Sequence[str], answers: str | Sequence
     )
 
 
-def check_tokens(tokens: Any, d_vocab: int, n_ctx: int, device: torch.device) -> torch.Tensor:
-    """Validate a token tensor [B, T] (or [T]) and move it to ``device``."""
+def token_ids(tokens: Any, what: str = "tokens") -> torch.Tensor:
+    """Check the structure of token ids (a tensor with values, an integer dtype,
+    shape [batch, pos] or [pos]) and return them as [batch, pos]; ``what``
+    names them in messages."""
     if not isinstance(tokens, torch.Tensor):
-        raise InputError(f"tokens must be a torch.LongTensor [batch, pos], got "
+        raise InputError(f"{what} must be a torch.LongTensor [batch, pos], got "
                          f"{type(tokens).__name__}")
     if tokens.device.type == "meta":
-        raise InputError("tokens are on the meta device, which holds no values; give real "
+        raise InputError(f"{what} are on the meta device, which holds no values; give real "
                          "token ids")
     if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise InputError(f"tokens must be integer ids (torch.long), got dtype {tokens.dtype}")
+        raise InputError(f"{what} must be integer ids (torch.long), got dtype {tokens.dtype}")
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.ndim != 2 or tokens.shape[1] == 0 or tokens.shape[0] == 0:
-        raise InputError(f"tokens must have shape [batch, pos] with pos >= 1, got "
+        raise InputError(f"{what} must have shape [batch, pos] with pos >= 1, got "
                          f"{tuple(tokens.shape)}")
+    return tokens
+
+
+def check_tokens(tokens: Any, d_vocab: int, n_ctx: int, device: torch.device) -> torch.Tensor:
+    """Validate a token tensor [B, T] (or [T]) and move it to ``device``."""
+    tokens = token_ids(tokens)
     if tokens.shape[1] > n_ctx:
         raise InputError(f"tokens have {tokens.shape[1]} positions; the model's context is "
                          f"{n_ctx}")
