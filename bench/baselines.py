@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from fastskip.planset import PlanSet
+from fastskip.plans import PlanSet
 
 
 def masked_hooks(plans: PlanSet, n_prompts: int) -> list:

@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
-from conftest import ANSWERS, PROMPTS, hook_loop_per_plan, machine
+from conftest import ANSWERS, PROMPTS, machine
 
 import fastskip as fs
+from fastskip.reference.timing import hook_loop_per_plan
 
 
 def test_64_random_block_plans(benchmark, gpt2, tokens):

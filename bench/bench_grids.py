@@ -14,10 +14,11 @@ import time
 
 import pytest
 import torch
-from conftest import ANSWERS, PROMPTS, hook_loop_per_plan, machine
+from conftest import ANSWERS, PROMPTS, machine
 from measure import sample, time_plan_set
 
 import fastskip as fs
+from fastskip.reference.timing import hook_loop_per_plan
 
 
 def plan_sets() -> dict[str, fs.PlanSet]:

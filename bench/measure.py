@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 from baselines import tl_masked_batch
-from conftest import best_of, hook_loop_per_plan, machine
+from conftest import machine
 
 import fastskip as fs
-from fastskip.execute import work_flops
-from fastskip.schedule import step_keys
+from fastskip.reference.timing import best_of, hook_loop_per_plan
+from fastskip.run.flops import work_flops
+from fastskip.run.tree import step_keys
 
 
 def sample(plans: fs.PlanSet, k: int) -> fs.PlanSet:

@@ -19,7 +19,7 @@ import gc
 import time
 
 import fastskip as fs
-from fastskip.engine import parse_memory
+from fastskip.run.memory import parse_memory
 
 MiB = 2**20
 

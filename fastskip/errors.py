@@ -1,4 +1,4 @@
-"""Exceptions raised by fastskip.
+"""Exceptions and warnings raised by fastskip.
 
 Every error names the culprit (plan text and item, layer, prompt, option) so
 that a user never has to read a stack trace from deep inside torch.
@@ -29,3 +29,7 @@ class CheckError(FastskipError, AssertionError):
 
 class MemoryBudgetError(FastskipError, MemoryError):
     """The work cannot fit in the memory budget, even in the smallest chunk."""
+
+
+class OverflowWarning(UserWarning):
+    """Some plans' logits overflowed (inf/NaN); their ranks are reported as -1."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastskip.models import random_gpt2_small
+from fastskip.model.load import random_gpt2_small
 
 PROMPTS = ["1 2 3 4", "January February March April", "one two three four",
            "Sunday Monday Tuesday Wednesday", "A B C D", "5 6 7 8"]
@@ -35,7 +35,7 @@ def small_llama(seed: int = 0, normalization_type: str = "RMSPre", **overrides):
 
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from fastskip.models import gpt2_tokenizer
+    from fastskip.model.load import gpt2_tokenizer
 
     cfg = dict(n_layers=3, d_model=64, d_head=16, n_heads=4, n_key_value_heads=2, d_mlp=128,
                n_ctx=64, d_vocab=50257, act_fn="silu", normalization_type=normalization_type,

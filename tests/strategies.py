@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import fastskip as fs
-from fastskip.plan import PlanMask
+from fastskip.plans import PlanMask
 from helpers import small_llama, small_model
 
 N_CTX = 32
@@ -56,7 +56,7 @@ class Spec:
 
 @functools.cache
 def tokenizer():
-    from fastskip.models import gpt2_tokenizer
+    from fastskip.model.load import gpt2_tokenizer
 
     return gpt2_tokenizer()
 

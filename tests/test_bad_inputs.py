@@ -456,7 +456,7 @@ def test_nan_weight_in_the_model_is_reported_for_the_plans_that_use_it():
 
 def test_nan_in_runner_weights_after_building_is_reported():
     runner = fs.Runner(small_model(seed=12))
-    runner.weights.W_in[0, 2, 3] = float("nan")
+    runner.weights.layers.W_in[0, 2, 3] = float("nan")
     res, warned = run_quietly(runner, ["1", "0", "0.attn"])
     assert res.rank[0].min() >= 0 and res.rank[2].min() >= 0 and (res.rank[1] == -1).all()
     assert len(warned) == 1 and "plan 1 '0'" in str(warned[0].message)

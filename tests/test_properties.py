@@ -43,7 +43,7 @@ from strategies import (
 )
 
 import fastskip as fs
-from fastskip.plan import PlanMask
+from fastskip.plans import PlanMask
 from fastskip.reference import check_report, reference_logits
 
 ATOL = 1e-4  # fp32 against the TransformerLens reference (the README's promise)
@@ -293,7 +293,8 @@ def test_plan_order_and_duplicates_do_not_change_results(data):
 
 
 def count_batches(runner, plans, tokens, ablation) -> int:
-    from fastskip.ablation import as_ablation, sources_for_tokens
+    from fastskip.ablation import as_ablation
+    from fastskip.run.sources import sources_for_tokens
 
     abl = as_ablation(ablation)
     sources = None if abl is None else sources_for_tokens(abl, runner.weights, tokens)

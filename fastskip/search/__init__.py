@@ -1,5 +1,6 @@
 """Search tools over plans: circuit search by node pruning, greedy and
-exhaustive layer pruning, pairwise interactions, and their metrics.
+exhaustive layer pruning, pairwise interactions, their scores, and the tasks
+they run on (``fs.tasks``).
 
     import fastskip as fs
     task = fs.tasks.make_task("numerals", n=32)
@@ -9,8 +10,8 @@ exhaustive layer pruning, pairwise interactions, and their metrics.
 
 from .interactions import InteractionResult, interactions
 from .layers import ExhaustiveResult, LayerPruneResult, exhaustive, prune_layers
-from .metrics import accuracy, mean_kl, mean_logit_diff, percent, score
 from .nodes import PruneResult, Step, prune_nodes, prune_nodes_sequential
+from .scores import accuracy, mean_kl, mean_logit_diff, percent, score
 
 __all__ = [
     "ExhaustiveResult", "InteractionResult", "LayerPruneResult", "PruneResult", "Step",

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..planset import PlanSet
+from ..plans import PlanSet
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from ..plan import Plan
+from ..plans import Plan
 from .common import Evaluator, resolve_ablation, resolve_inputs
 
 

@@ -17,11 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import grid
 from ..errors import InputError
-from ..plan import Plan
-from ..planset import PlanSet
-from . import metrics
+from ..plans import Plan, PlanSet, grid
+from . import scores
 from .common import Evaluator, check_full, mask_set, resolve_ablation, resolve_inputs
 
 UNIT_KINDS = ("block", "component")
@@ -167,13 +165,13 @@ def exhaustive(runner: Any, task: Any = None, *, prompts: Sequence[str] | None =
     bits = grid.block_subsets(n).attn
     blocks = np.concatenate([bits, np.ones((len(bits), L - n), dtype=bool)], axis=1)
     res = ev.run(_layer_set(blocks, blocks.copy(), H))
-    mld = metrics.mean_logit_diff(res).double().cpu().numpy()
+    mld = scores.mean_logit_diff(res).double().cpu().numpy()
     full = check_full(float(mld[-1]))  # the last subset keeps every block
     score = mld / full
     table = pd.DataFrame({
         "plan": res.plans, "n_blocks": blocks.sum(axis=1),
         "mean_logit_diff": mld, "score": score,
-        "accuracy": metrics.accuracy(res).double().cpu().numpy(),
+        "accuracy": scores.accuracy(res).double().cpu().numpy(),
     })
     passing = table[table.score >= threshold]
     smallest = passing[passing.n_blocks == passing.n_blocks.min()].sort_values(

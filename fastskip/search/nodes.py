@@ -26,7 +26,7 @@ import torch
 
 from ..ablation import Ablation, as_ablation
 from ..errors import InputError
-from ..plan import Plan
+from ..plans import Plan
 from ..reference import plan_hooks, reference_sources
 from .common import Evaluator, check_full, mask_set, resolve_ablation, resolve_inputs
 from .speculate import WalkStats, walk
