@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 @dataclass
@@ -65,7 +68,7 @@ def _short(text: str, n: int = 40) -> str:
     return repr(text if len(text) <= n else text[: n - 3] + "...")
 
 
-def make_batch(model: Any, prompts: str | Sequence[str], answers: str | Sequence[str],
+def make_batch(model: HookedTransformer, prompts: str | Sequence[str], answers: str | Sequence[str],
                prepend_bos: bool | None = None, prepend_space_to_answer: bool = False,
                device: torch.device | str = "cpu", what: str = "answers") -> PromptBatch:
     """Tokenize prompts and answers with ``model``'s tokenizer (TransformerLens's
@@ -121,7 +124,7 @@ def make_batch(model: Any, prompts: str | Sequence[str], answers: str | Sequence
         pos = torch.arange(pl - 1, pl - 1 + len(at))
         q_pos[i, : len(at)] = pos
         q_pos[i, len(at):] = pos[-1]
-    str_tok = lambda t: [model.to_string(t[j: j + 1]) for j in range(len(t))]  # noqa: E731
+    str_tok = lambda t: [str(model.to_string(t[j: j + 1])) for j in range(len(t))]  # noqa: E731
     return PromptBatch(
         prompts=prompts_l, answers=answers_l, tokens=tokens.to(device),
         prompt_len=np.array(p_lens), answer_len=np.array([len(a) for a in a_ids]),

@@ -1,13 +1,12 @@
-"""Fused Triton kernels for the MLP sublayer, each with a pure-torch twin (shipped as
-``fastskip.kernels``).
+"""Fused Triton kernels for the MLP sublayer (shipped as ``fastskip.kernels``).
 
 - ``ln_pre_gelu_mlp_in``: gelu_new(LayerNormPre(x) @ W_in + b_in)        (GPT-2 style)
 - ``rms_pre_swiglu_mlp_in``: silu(RMSPre(x) @ W_gate) * (RMSPre(x) @ W_in) (Llama style)
 - ``mlp_out_residual``: resid + scale[:, None] * (h @ W_out + b_out)
 
-``*_torch`` twins compute the same math with plain torch ops (CPU path and test reference).
-Importing this package is cheap and never needs triton: submodules load on first attribute
-access, and the kernels are handed to ``triton.jit`` on their first launch.
+Each replaces a piece of ``fastskip.model.blocks`` (``mlp_hidden``, ``mlp_out``) on GPUs, and
+is tested against it. Importing this package is cheap and never needs triton: submodules load
+on first attribute access, and the kernels are handed to ``triton.jit`` on their first launch.
 """
 
 from __future__ import annotations
@@ -17,26 +16,20 @@ import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .mlp_gelu import ln_pre_gelu_mlp_in, ln_pre_gelu_mlp_in_torch
-    from .mlp_out import mlp_out_residual, mlp_out_residual_torch
-    from .mlp_swiglu import rms_pre_swiglu_mlp_in, rms_pre_swiglu_mlp_in_torch
+    from .mlp_gelu import ln_pre_gelu_mlp_in
+    from .mlp_out import mlp_out_residual
+    from .mlp_swiglu import rms_pre_swiglu_mlp_in
 
 _LAZY = {
     "ln_pre_gelu_mlp_in": "mlp_gelu",
-    "ln_pre_gelu_mlp_in_torch": "mlp_gelu",
     "rms_pre_swiglu_mlp_in": "mlp_swiglu",
-    "rms_pre_swiglu_mlp_in_torch": "mlp_swiglu",
     "mlp_out_residual": "mlp_out",
-    "mlp_out_residual_torch": "mlp_out",
 }
 
 __all__ = [
     "ln_pre_gelu_mlp_in",
-    "ln_pre_gelu_mlp_in_torch",
     "mlp_out_residual",
-    "mlp_out_residual_torch",
     "rms_pre_swiglu_mlp_in",
-    "rms_pre_swiglu_mlp_in_torch",
     "triton_available",
     "triton_unavailable_reason",
 ]

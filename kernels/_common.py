@@ -1,6 +1,6 @@
 """Shared helpers for the Triton kernels: deferred ``triton.jit``, argument checks, block sizes.
 
-Nothing here imports triton at module level, so the pure-torch twins work without it.
+Nothing here imports triton at module level, so importing the kernels never needs it.
 """
 
 from __future__ import annotations
@@ -19,11 +19,6 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def interpret_mode() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of the twins: float64 stays float64, everything else uses float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def triton_mode_mismatch() -> str | None:
@@ -51,7 +46,7 @@ def triton_mode_mismatch() -> str | None:
 class LazyKernel:
     """A kernel body handed to ``triton.jit`` at its first launch instead of at import.
 
-    This keeps ``import fastskip.kernels`` (and the torch twins) free of triton, and lets a test
+    This keeps ``import fastskip.kernels`` free of triton, and lets a test
     set ``TRITON_INTERPRET=1`` after importing the package, as long as triton itself was not
     imported yet (see :func:`triton_mode_mismatch`). The kernel body refers to the module
     global ``tl``, a placeholder bound here to ``triton.language`` before jitting.
@@ -107,8 +102,9 @@ def check_device(op: str, ref: torch.Tensor, **others: torch.Tensor | None) -> N
             raise ValueError(f"{op}: {name} is on {t.device} but the input is on {ref.device}")
     if ref.device.type != "cuda" and not interpret_mode():
         raise RuntimeError(
-            f"{op}: Triton kernels need CUDA tensors (got {ref.device}); on CPU use the "
-            "*_torch twin or set TRITON_INTERPRET=1 before triton is imported"
+            f"{op}: Triton kernels need CUDA tensors (got {ref.device}); on CPU use the plain "
+            "torch path (fastskip.model.blocks) or set TRITON_INTERPRET=1 before triton is "
+            "imported"
         )
     reason = triton_mode_mismatch()
     if reason is not None:

@@ -1,19 +1,17 @@
 """Fused LayerNormPre -> ``x @ W_in + b_in`` -> gelu_new (first half of a GPT-2 style MLP).
 
-``ln_pre_gelu_mlp_in`` is the Triton kernel, ``ln_pre_gelu_mlp_in_torch`` its pure-torch twin
-(the CPU path of the library and the reference of the tests).
+It replaces ``fastskip.model.blocks.mlp_hidden`` of a GPT-2 style MLP (weightless LayerNormPre,
+gelu_new) on GPUs; the tests compare it with that function.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from ._common import (
     LazyKernel,
-    acc_dtype,
     cdiv,
     check_2d,
     check_device,
@@ -24,8 +22,8 @@ from ._common import (
     pick_block,
 )
 
-# triton.language, bound by LazyKernel at the first launch: importing this module (e.g. for the
-# twin) never imports triton. Annotations stay strings (`from __future__ import annotations`).
+# triton.language, bound by LazyKernel at the first launch: importing this module never imports
+# triton. Annotations stay strings (`from __future__ import annotations`).
 tl: Any = None
 
 _OP = "ln_pre_gelu_mlp_in"
@@ -158,29 +156,3 @@ def ln_pre_gelu_mlp_in(
         DOT_PRECISION=dot_precision, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return h
-
-
-def ln_pre_gelu_mlp_in_torch(
-    x: torch.Tensor,
-    w_in: torch.Tensor,
-    b_in: torch.Tensor,
-    *,
-    normalize: bool = True,
-    eps: float = 1e-5,
-) -> torch.Tensor:
-    """Pure-torch twin of :func:`ln_pre_gelu_mlp_in` (same math, plain torch ops).
-
-    Computes in float32 (float64 if ``x`` is float64); the normalised ``x`` is rounded to
-    ``x.dtype`` before the matmul, as TransformerLens does, and the result is cast to ``x.dtype``.
-    """
-    acc = acc_dtype(x.dtype)
-    xf = x.to(acc)
-    if normalize:
-        # TransformerLens LayerNormPre, written out.
-        xf = xf - xf.mean(-1, keepdim=True)
-        scale = (xf.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-        xf = (xf / scale).to(x.dtype).to(acc)
-    u = xf @ w_in.to(acc) + b_in.to(acc)
-    # TransformerLens gelu_new, exactly.
-    h = 0.5 * u * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (u + 0.044715 * torch.pow(u, 3.0))))
-    return h.to(x.dtype)

@@ -4,7 +4,7 @@ A row whose scale is 0 gets exactly ``resid``: the scale selects rather than mul
 non-finite MLP output in a switched-off row (NaN x 0 = NaN) cannot leak into the result.
 
 ``mlp_out_residual`` is the Triton kernel (bias, per-row scale and residual add live in the
-matmul epilogue); ``mlp_out_residual_torch`` is its pure-torch twin.
+matmul epilogue); it replaces ``resid + scale * fastskip.model.blocks.mlp_out(h)`` on GPUs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 
 from ._common import (
     LazyKernel,
-    acc_dtype,
     cdiv,
     check_2d,
     check_device,
@@ -26,8 +25,8 @@ from ._common import (
     pick_block,
 )
 
-# triton.language, bound by LazyKernel at the first launch: importing this module (e.g. for the
-# twin) never imports triton. Annotations stay strings (`from __future__ import annotations`).
+# triton.language, bound by LazyKernel at the first launch: importing this module never imports
+# triton. Annotations stay strings (`from __future__ import annotations`).
 tl: Any = None
 
 _OP = "mlp_out_residual"
@@ -148,25 +147,3 @@ def mlp_out_residual(
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
-
-
-def mlp_out_residual_torch(
-    h: torch.Tensor,
-    w_out: torch.Tensor,
-    b_out: torch.Tensor | None,
-    resid: torch.Tensor,
-    scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Pure-torch twin of :func:`mlp_out_residual` (same math, plain torch ops).
-
-    Computes in float32 (float64 if ``h`` is float64) and casts the result to ``h.dtype``.
-    Rows with scale 0 return ``resid`` exactly (select semantics, like the kernel).
-    """
-    acc = acc_dtype(h.dtype)
-    y = h.to(acc) @ w_out.to(acc)
-    if b_out is not None:
-        y = y + b_out.to(acc)
-    if scale is not None:
-        s = scale.to(acc)[:, None]
-        y = torch.where(s != 0, y * s, torch.zeros((), dtype=acc, device=y.device))
-    return (resid.to(acc) + y).to(h.dtype)

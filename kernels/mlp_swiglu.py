@@ -1,7 +1,8 @@
 """Fused RMSNormPre -> SwiGLU input projection (first half of a Llama style MLP).
 
 ``h = silu(RMSPre(x) @ W_gate) * (RMSPre(x) @ W_in)``; no biases.
-``rms_pre_swiglu_mlp_in`` is the Triton kernel, ``rms_pre_swiglu_mlp_in_torch`` its twin.
+It replaces ``fastskip.model.blocks.mlp_hidden`` of a Llama style MLP (weightless RMSNormPre,
+gated SiLU) on GPUs; the tests compare it with that function.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import torch
 
 from ._common import (
     LazyKernel,
-    acc_dtype,
     cdiv,
     check_2d,
     check_device,
@@ -23,8 +23,8 @@ from ._common import (
     pick_block,
 )
 
-# triton.language, bound by LazyKernel at the first launch: importing this module (e.g. for the
-# twin) never imports triton. Annotations stay strings (`from __future__ import annotations`).
+# triton.language, bound by LazyKernel at the first launch: importing this module never imports
+# triton. Annotations stay strings (`from __future__ import annotations`).
 tl: Any = None
 
 _OP = "rms_pre_swiglu_mlp_in"
@@ -149,26 +149,3 @@ def rms_pre_swiglu_mlp_in(
         DOT_PRECISION=dot_precision, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return h
-
-
-def rms_pre_swiglu_mlp_in_torch(
-    x: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_in: torch.Tensor,
-    *,
-    normalize: bool = True,
-    eps: float = 1e-6,
-) -> torch.Tensor:
-    """Pure-torch twin of :func:`rms_pre_swiglu_mlp_in` (same math, plain torch ops).
-
-    Computes in float32 (float64 if ``x`` is float64); the normalised ``x`` is rounded to
-    ``x.dtype`` before the matmuls, as TransformerLens does, and the result is cast to ``x.dtype``.
-    """
-    acc = acc_dtype(x.dtype)
-    xf = x.to(acc)
-    if normalize:
-        # TransformerLens RMSNormPre, written out.
-        scale = (xf.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-        xf = (xf / scale).to(x.dtype).to(acc)
-    gate = xf @ w_gate.to(acc)
-    return (torch.nn.functional.silu(gate) * (xf @ w_in.to(acc))).to(x.dtype)

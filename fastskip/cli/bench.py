@@ -10,15 +10,17 @@ import platform
 from collections.abc import Callable
 from typing import Any
 
-from ..plans import grid
+from ..plans import PlanSet, grid
 from ..reference.timing import best_of, hook_loop_per_plan
+from ..run import Runner
 from . import notebook
 
 
-def plan_sets(n_layers: int, n_heads: int, quick: bool) -> list[tuple[str, Any]]:
+def plan_sets(n_layers: int, n_heads: int, quick: bool
+              ) -> list[tuple[str, PlanSet | list[str]]]:
     """The timed plan sets for a model of this size."""
     n_random = 64 if quick else 256
-    sets = [(f"{n_random} random block plans",
+    sets: list[tuple[str, PlanSet | list[str]]] = [(f"{n_random} random block plans",
              grid.random_plans(n_random, n_layers, n_heads, seed=0, kinds=("block",))),
             ("heads left out", grid.leave_one_out(n_layers, n_heads, units="head"))]
     if n_layers == 12:
@@ -28,7 +30,7 @@ def plan_sets(n_layers: int, n_heads: int, quick: bool) -> list[tuple[str, Any]]
     return sets
 
 
-def bench(runner: Any, quick: bool = False, log: Callable[[str], None] | None = None
+def bench(runner: Runner, quick: bool = False, log: Callable[[str], None] | None = None
           ) -> list[dict[str, Any]]:
     """Time every plan set of ``plan_sets``; one row per set: plans, fastskip ms per
     plan, run_with_hooks ms per plan, ratio."""
@@ -42,8 +44,9 @@ def bench(runner: Any, quick: bool = False, log: Callable[[str], None] | None = 
     for name, plans in plan_sets(runner.n_layers, runner.n_heads, quick):
         ps = runner.plan_set(plans)
         log(f"timing {name} ({len(ps)} plans)")
-        fast = best_of(lambda ps=ps: runner.run(ps, prompts, answers, progress=False),
-                       1 if quick else 3) / len(ps)
+        def run(ps: PlanSet = ps) -> object:
+            return runner.run(ps, prompts, answers, progress=False)
+        fast = best_of(run, 1 if quick else 3, runner.device) / len(ps)
         slow = hook_loop_per_plan(model, ps, tokens, sample=3 if quick else 8,
                                   rounds=1 if quick else 2)
         rows.append({"plan set": name, "plans": len(ps), "fastskip ms/plan": fast * 1e3,
@@ -51,7 +54,7 @@ def bench(runner: Any, quick: bool = False, log: Callable[[str], None] | None = 
     return rows
 
 
-def device_text(runner: Any) -> str:
+def device_text(runner: Runner) -> str:
     """The device in words: GPU name, or CPU and threads."""
     import torch
 
@@ -66,7 +69,7 @@ def device_text(runner: Any) -> str:
     return f"CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def format_table(rows: list[dict[str, Any]], runner: Any) -> str:
+def format_table(rows: list[dict[str, Any]], runner: Runner) -> str:
     """The ratio table, with the model, prompts and device it was measured on."""
     import pandas as pd
 

@@ -245,6 +245,7 @@ def cmd_search(args: Args) -> int:
 
     task = load_task(args)
     runner = load_runner(args)
+    result: search.PruneResult | search.LayerPruneResult
     if args.method == "prune-nodes":
         result = search.prune_nodes(runner, task, threshold=args.threshold)
     else:

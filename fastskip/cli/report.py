@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..plans import PlanLike
 from ..results import Results
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from ..run import Runner
+
 
 def format_test_prompt(res: Results, plan_index: int = 0, prompt_index: int = 0,
-                       tokenizer_model: Any = None, top_k: int = 10,
+                       tokenizer_model: HookedTransformer | None = None, top_k: int = 10,
                        print_details: bool = True) -> str:
     """The notebook's ``test_prompt`` text for one plan and prompt of ``res``.
 
@@ -36,14 +41,16 @@ def format_test_prompt(res: Results, plan_index: int = 0, prompt_index: int = 0,
                      f"Token: |{tok}|[/b]")
         for i in range(k):
             tid = int(res.topk_ids[p, n, j, i])
-            text = tokenizer_model.to_string(tid) if tokenizer_model is not None else str(tid)
+            text = str(tokenizer_model.to_string([tid])) if tokenizer_model is not None \
+                else str(tid)
             lines.append(f"Top {i}th token. Logit: {float(res.topk_logits[p, n, j, i]):5.2f} "
                          f"Prob: {float(res.topk_probs[p, n, j, i]):6.2%} Token: |{text}|")
     lines.append(f"[b]Ranks of the answer tokens:[/b] {ranks}")
     return "\n".join(lines)
 
 
-def test_prompt(prompt: str, answer: str, runner: Any, plan: PlanLike = "all",
+def test_prompt(prompt: str, answer: str, runner: Runner | HookedTransformer,
+                plan: PlanLike = "all",
                 prepend_space_to_answer: bool = True, print_details: bool = True,
                 prepend_bos: bool = True, top_k: int = 10) -> list[tuple[str, int]]:
     """Print the notebook's ``test_prompt`` report for ``plan`` and return the

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 MODEL_NAMES = ("gpt2-small", "gpt2-small-random", "smollm2-135m")
 # The processing of the notebook (seed/layer_skipping_notebook.txt).
-NOTEBOOK_PROCESSING = dict(
+NOTEBOOK_PROCESSING: dict[str, Any] = dict(
     fold_ln=True, center_writing_weights=True, center_unembed=True,
     refactor_factored_attn_matrices=True,
 )
@@ -111,7 +111,9 @@ def gpt2_tokenizer_folder() -> Path:
 
 
 def gpt2_tokenizer() -> Any:
-    from transformers import GPT2TokenizerFast
+    """The real GPT-2 tokenizer (fast), offline."""
+    # transformers 5 keeps GPT2TokenizerFast as a runtime alias its type stubs do not declare
+    from transformers import GPT2TokenizerFast  # type: ignore[attr-defined]
 
     return GPT2TokenizerFast.from_pretrained(str(gpt2_tokenizer_folder()))
 
@@ -120,9 +122,10 @@ def gpt2_small_config(**overrides: Any) -> HookedTransformerConfig:
     """GPT-2 small as it looks after fold_ln/center_writing_weights/center_unembed."""
     from transformer_lens import HookedTransformerConfig
 
-    cfg = dict(n_layers=12, d_model=768, d_head=64, n_heads=12, d_mlp=3072, d_vocab=50257,
-               n_ctx=1024, act_fn="gelu_new", normalization_type="LNPre",
-               model_name="gpt2-small-random", default_prepend_bos=True)
+    cfg: dict[str, Any] = dict(
+        n_layers=12, d_model=768, d_head=64, n_heads=12, d_mlp=3072, d_vocab=50257,
+        n_ctx=1024, act_fn="gelu_new", normalization_type="LNPre",
+        model_name="gpt2-small-random", default_prepend_bos=True)
     cfg.update(overrides)
     return HookedTransformerConfig(**cfg)
 

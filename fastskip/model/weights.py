@@ -8,7 +8,7 @@ per-call weight copies (TransformerLens re-copies ``W_U.T`` on every forward).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, TypeVar, cast
 
 import torch
 
@@ -96,7 +96,7 @@ class StackedWeights:
 
     def layer(self, L: int) -> LayerWeights:
         """Views of layer ``L``'s weights."""
-        return LayerWeights(*(None if t is None else t[L] for t in self.layers))
+        return LayerWeights._make(None if t is None else t[L] for t in self.layers)
 
     # the block's numbers, by name
     @property
@@ -139,7 +139,7 @@ class StackedWeights:
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
                 out[f.name] = value
-            elif isinstance(value, tuple):  # LayerWeights, Rotary
+            elif isinstance(value, (LayerWeights, Rotary)):
                 out.update({f"{f.name}.{k}": t for k, t in value._asdict().items()
                             if isinstance(t, torch.Tensor)})
         return out
@@ -158,6 +158,16 @@ class StackedWeights:
         }
 
 
+V = TypeVar("V")
+
+
+def _required(value: V | None, name: str) -> V:
+    """A config value the architecture needs (TransformerLens types it optional)."""
+    if value is None:
+        raise UnsupportedModelError(f"the model's config has no {name}")
+    return value
+
+
 def _param(sd: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     if name in sd:
         return sd[name]
@@ -171,7 +181,8 @@ def stack_weights(model: HookedTransformer, device: torch.device | str | None = 
     arch = architecture_of(cfg)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     L, H, dh, d = cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_model
-    K = cfg.n_key_value_heads if getattr(cfg, "n_key_value_heads", None) else H
+    K = cfg.n_key_value_heads or H
+    d_mlp = _required(cfg.d_mlp, "d_mlp")
     device = torch.device(device) if device is not None else sd["embed.W_E"].device
     dtype = dtype or sd["embed.W_E"].dtype
 
@@ -207,7 +218,7 @@ def stack_weights(model: HookedTransformer, device: torch.device | str | None = 
         W_O=put(torch.stack([w.reshape(H * dh, d) for w in per_layer("blocks.{}.attn.W_O")])),
         b_O=put(torch.stack(per_layer("blocks.{}.attn.b_O"))),
         W_in=put(torch.stack(per_layer("blocks.{}.mlp.W_in"))),
-        b_in=bias("blocks.{}.mlp.b_in", cfg.d_mlp),
+        b_in=bias("blocks.{}.mlp.b_in", d_mlp),
         W_gate=optional("blocks.{}.mlp.W_gate"),
         W_out=put(torch.stack(per_layer("blocks.{}.mlp.W_out"))),
         b_out=bias("blocks.{}.mlp.b_out", d),
@@ -219,12 +230,13 @@ def stack_weights(model: HookedTransformer, device: torch.device | str | None = 
         attn0 = model.blocks[0].attn
         rotary = Rotary(put(attn0.rotary_cos), put(attn0.rotary_sin))
     config = BlockConfig(
-        n_heads=H, n_kv_heads=K, d_head=dh, norm=cfg.normalization_type, eps=float(cfg.eps),
-        act_fn=cfg.act_fn, attn_scale=float(model.blocks[0].attn.attn_scale),
-        rotary_dim=int(cfg.rotary_dim) if rotary is not None else 0)
+        n_heads=H, n_kv_heads=K, d_head=dh, eps=float(cfg.eps),
+        norm=cast(Norm, cfg.normalization_type),  # one of Norm: checked by architecture_of
+        act_fn=_required(cfg.act_fn, "act_fn"), attn_scale=float(model.blocks[0].attn.attn_scale),
+        rotary_dim=int(_required(cfg.rotary_dim, "rotary_dim")) if rotary is not None else 0)
     w_pos = sd.get("pos_embed.W_pos")
     return StackedWeights(
-        arch=arch, config=config, n_layers=L, d_model=d, d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab,
+        arch=arch, config=config, n_layers=L, d_model=d, d_mlp=d_mlp, d_vocab=cfg.d_vocab,
         d_vocab_out=cfg.d_vocab_out, n_ctx=cfg.n_ctx,
         W_E=put(sd["embed.W_E"]), W_pos=put(w_pos) if w_pos is not None else None,
         layers=layers, rotary=rotary,

@@ -126,13 +126,14 @@ def leave_one_out(data: Any, path: str | os.PathLike | None = None, metric: str 
     hline = ("full model", full[0]) if full else None
     label = LABELS[metric]
     kinds = {u[0] for u in units if u and u[0] != "full"}
-    if kinds == {"head"} and all(u is not None for u in units):
-        L = max(u[1] for u in units) + 1
-        H = max(u[2] for u in units) + 1
+    known = [u for u in units if u is not None]
+    if kinds == {"head"} and len(known) == len(units):
+        L = max(u[1] for u in known) + 1
+        H = max(u[2] for u in known) + 1
         z = np.full((L, H), np.nan)
-        for u, v in zip(units, values, strict=True):
-            if u[0] == "head":
-                z[u[1], u[2]] = v
+        for unit, v in zip(known, values, strict=True):
+            if unit[0] == "head":
+                z[unit[1], unit[2]] = v
         chart = Chart("heatmap", title or f"{label} without one head", x=list(range(H)),
                       y=list(range(L)), z=z, xlabel="head removed", ylabel="layer")
         return render(chart, path, size)
@@ -204,8 +205,8 @@ def interaction_matrix(table: Any, path: str | os.PathLike | None = None,
         z = np.asarray(table, dtype=float)
         if z.ndim != 2:
             raise InputError(f"interaction_matrix needs a 2-D table, got shape {z.shape}")
-        x = list(labels) if labels is not None else list(range(z.shape[1]))
-        y = list(labels) if labels is not None else list(range(z.shape[0]))
+        x = list(labels) if labels is not None else [str(i) for i in range(z.shape[1])]
+        y = list(labels) if labels is not None else [str(i) for i in range(z.shape[0])]
     return render(Chart("heatmap", title, x=x, y=y, z=z), path, size)
 
 

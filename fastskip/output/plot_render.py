@@ -83,7 +83,8 @@ def plotly_figure(chart: Any, size: tuple[int, int]) -> Any:
         fig.update_layout(barmode="group")
     elif chart.kind == "heatmap":
         z = np.asarray(chart.z, dtype=float)
-        fig.add_heatmap(z=np.where(np.isfinite(z), z, None).tolist(),
+        cells = [[v if np.isfinite(v) else None for v in row] for row in z.tolist()]
+        fig.add_heatmap(z=cells,
                         x=[str(v) for v in chart.x], y=[str(v) for v in chart.y],
                         colorscale="Viridis", texttemplate="%{z:.2g}" if z.size <= 400 else None)
         if not chart.ylabel.startswith("number"):

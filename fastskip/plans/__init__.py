@@ -6,7 +6,7 @@ Pure numpy; nothing here knows of torch or of how plans are executed.
 from . import grid
 from .mask import PlanMask
 from .plan import Item, Plan, PlanLike, as_plans, parse_items
-from .planset import PlanSet, PlanTexts
+from .planset import PlanSet, PlansLike, PlanTexts
 
-__all__ = ["Item", "Plan", "PlanLike", "PlanMask", "PlanSet", "PlanTexts", "as_plans", "grid",
-           "parse_items"]
+__all__ = ["Item", "Plan", "PlanLike", "PlanMask", "PlanSet", "PlanTexts", "PlansLike", "as_plans",
+           "grid", "parse_items"]

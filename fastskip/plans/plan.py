@@ -325,7 +325,7 @@ def as_plans(plans: PlanLike | Sequence[PlanLike], n_layers: int, n_heads: int) 
                         f"({plans!r}); decode it first")
     if isinstance(plans, np.ndarray) or not isinstance(plans, Sequence):
         try:
-            plans = list(plans)  # type: ignore[arg-type]
+            plans = list(plans)
         except TypeError:
             raise PlanError(
                 f"plans must be a Plan, a string or a list of them, got {type(plans).__name__}"

@@ -8,6 +8,7 @@ work until a plan's text is asked for.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import overload
 
 import numpy as np
 
@@ -95,7 +96,13 @@ class PlanSet(Sequence[Plan]):
     def mask(self, i: int) -> PlanMask:
         return PlanMask(self.attn[i], self.heads[i], self.mlp[i], self.attn_ln[i], self.mlp_ln[i])
 
-    def __getitem__(self, i):  # type: ignore[override]
+    @overload
+    def __getitem__(self, i: int) -> Plan: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> PlanSet: ...
+
+    def __getitem__(self, i: int | slice) -> Plan | PlanSet:
         if isinstance(i, slice):
             return self.take(np.arange(len(self))[i])
         if isinstance(i, (int, np.integer)):
@@ -151,6 +158,9 @@ class PlanSet(Sequence[Plan]):
     __hash__ = None  # type: ignore[assignment]
 
 
+PlansLike = PlanLike | Sequence[PlanLike] | PlanSet  # what every call that takes plans accepts
+
+
 class PlanTexts(Sequence[str]):
     """Canonical plan texts of a PlanSet, each computed when first read (a grid
     of 65,536 plans should not pay for 65,536 texts nobody prints)."""
@@ -161,7 +171,13 @@ class PlanTexts(Sequence[str]):
     def __len__(self) -> int:
         return len(self._plans)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
         if isinstance(i, slice):
             return [self._plans.text(j) for j in range(len(self))[i]]
         n = len(self)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from ..ablation import Ablation
 from ..errors import CheckError
-from ..plans import PlanSet
+from ..plans import PlanSet, PlansLike
 from .hooks import FP32_SQUARE_MAX, max_residual, reference_logits
 
 if TYPE_CHECKING:
@@ -23,9 +23,9 @@ class LogitsRunner(Protocol):
 
     model: HookedTransformer
 
-    def plan_set(self, plans: Any) -> PlanSet: ...
+    def plan_set(self, plans: PlansLike) -> PlanSet: ...
 
-    def logits(self, plans: Any, tokens: torch.Tensor, last_only: bool = False,
+    def logits(self, plans: PlansLike, tokens: torch.Tensor, last_only: bool = False,
                progress: bool | None = None, ablation: Ablation | str | None = None
                ) -> torch.Tensor: ...
 
@@ -52,7 +52,7 @@ class CheckReport:
 
 
 @torch.no_grad()
-def check_report(runner: LogitsRunner, plans: Any, tokens: torch.Tensor, atol: float = 1e-4,
+def check_report(runner: LogitsRunner, plans: PlansLike, tokens: torch.Tensor, atol: float = 1e-4,
                  rtol: float = 0.0, arbitrate: bool = True,
                  ablation: Ablation | str | None = None, fast: torch.Tensor | None = None
                  ) -> CheckReport:
@@ -114,7 +114,7 @@ def check_report(runner: LogitsRunner, plans: Any, tokens: torch.Tensor, atol: f
 
 
 @torch.no_grad()
-def check(runner: LogitsRunner, plans: Any, tokens: torch.Tensor, atol: float = 1e-4,
+def check(runner: LogitsRunner, plans: PlansLike, tokens: torch.Tensor, atol: float = 1e-4,
           rtol: float = 0.0, arbitrate: bool = True, ablation: Ablation | str | None = None
           ) -> float:
     """Compare ``runner.logits`` with ``reference_logits`` for every plan.

@@ -23,7 +23,7 @@ from ..plans import Plan, PlanLike
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-Hook = tuple[str, Callable[..., Any]]
+Hook = tuple[str | Callable[..., Any], Callable[..., Any]]  # (hook name or filter, function)
 
 
 def plan_hooks(plan: Plan, sources: dict[str, torch.Tensor] | None = None) -> list[Hook]:

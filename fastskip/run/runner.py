@@ -22,7 +22,7 @@ from ..errors import FastskipError, InputError, OverflowWarning
 from ..inputs import PromptBatch, check_tokens, make_batch
 from ..model import blocks, stack_weights
 from ..model.ops import StepOps, want_kernels
-from ..plans import PlanLike, PlanSet
+from ..plans import PlanSet, PlansLike
 from ..results import Results
 from . import precision
 from .answer_metrics import MetricTables, warn_nonfinite
@@ -37,7 +37,6 @@ from .verify import verify_logits, verify_run
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-PlansLike = PlanLike | Sequence[PlanLike] | PlanSet
 Strategy = Literal["tree", "masked"]
 STRATEGIES: tuple[Strategy, ...] = ("tree", "masked")
 

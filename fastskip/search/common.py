@@ -5,12 +5,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 
+from ..ablation import Ablation
 from ..errors import InputError
-from ..plans import PlanSet
+from ..plans import PlanSet, PlansLike
+from ..results import Results
+from ..run import Runner
+
+
+class TaskLike(Protocol):
+    """What a search reads of a task: ``fs.tasks.Task``, a prompt file, or any
+    object with these lists (``wrong_answers``/``corrupted`` may be None)."""
+
+    prompts: Sequence[str]
+    answers: Sequence[str]
+
+
+TaskArg = TaskLike | Sequence[str] | str | None  # a task, or the prompts themselves
+AblationArg = Ablation | str | None  # an Ablation, "zero", or "mean"/"resample" from the task
 
 
 @dataclass
@@ -22,7 +37,7 @@ class Inputs:
     wrong_answers: list[str]
 
 
-def resolve_inputs(task: Any = None, prompts: Sequence[str] | None = None,
+def resolve_inputs(task: TaskArg = None, prompts: Sequence[str] | None = None,
                    answers: Sequence[str] | None = None,
                    wrong_answers: Sequence[str] | None = None) -> Inputs:
     """Inputs from a ``Task`` (anything with prompts/answers/wrong_answers), or
@@ -31,7 +46,8 @@ def resolve_inputs(task: Any = None, prompts: Sequence[str] | None = None,
     if isinstance(task, str) or (isinstance(task, Sequence) and not hasattr(task, "prompts")):
         if prompts is not None:
             raise InputError("prompts given twice (as the task argument and as prompts=)")
-        task, prompts = None, [task] if isinstance(task, str) else list(task)
+        prompts = [task] if isinstance(task, str) else list(task)
+        task = None
     got = {
         "prompts": prompts if prompts is not None else getattr(task, "prompts", None),
         "answers": answers if answers is not None else getattr(task, "answers", None),
@@ -42,7 +58,7 @@ def resolve_inputs(task: Any = None, prompts: Sequence[str] | None = None,
     if missing:
         raise InputError(f"missing {', '.join(missing)}: pass a Task (fs.tasks.make_task) "
                          "or prompts=, answers= and wrong_answers=")
-    lists = {k: [v] if isinstance(v, str) else list(v) for k, v in got.items()}
+    lists = {k: [v] if isinstance(v, str) else list(v or []) for k, v in got.items()}
     n = len(lists["prompts"])
     if n == 0 or any(len(v) != n for v in lists.values()):
         raise InputError("prompts, answers and wrong_answers must be non-empty and of one "
@@ -50,7 +66,7 @@ def resolve_inputs(task: Any = None, prompts: Sequence[str] | None = None,
     return Inputs(**lists)
 
 
-def resolve_ablation(ablation: Any, task: Any = None) -> Any:
+def resolve_ablation(ablation: AblationArg, task: TaskArg = None) -> Ablation | str | None:
     """``ablation`` as given, except "mean" / "resample" (strings), which take
     the task's ``corrupted`` prompts as their source (``fs.Ablation.mean(
     task.corrupted)`` / ``fs.Ablation.resample(task.corrupted)``)."""
@@ -77,9 +93,9 @@ def mask_set(heads: np.ndarray, mlp: np.ndarray, attn: np.ndarray | None = None)
 
 class Evaluator:
     """Mean logit difference and score of plans through ``runner.run``,
-    counting calls and plans. ``ablation`` is passed on only when not None."""
+    counting calls and plans."""
 
-    def __init__(self, runner: Any, inputs: Inputs, ablation: Any = None,
+    def __init__(self, runner: Runner, inputs: Inputs, ablation: Ablation | str | None = None,
                  prepend_bos: bool | None = None, progress: bool | None = None):
         self.runner = runner
         self.inputs = inputs
@@ -90,25 +106,23 @@ class Evaluator:
         self.plans = 0
         self._full: float | None = None
 
-    def run(self, plans: Any) -> Any:
+    def run(self, plans: PlansLike) -> Results:
         """``runner.run`` of ``plans`` on the inputs (top_k=0, with wrong answers)."""
-        extra = {} if self.ablation is None else {"ablation": self.ablation}
         inp = self.inputs
         res = self.runner.run(plans, inp.prompts, inp.answers, wrong_answers=inp.wrong_answers,
                               prepend_bos=self.prepend_bos, top_k=0, progress=self.progress,
-                              **extra)
+                              ablation=self.ablation)
         self.calls += 1
         self.plans += res.n_plans
         return res
 
-    def mean_logit_diff(self, plans: Any) -> np.ndarray:
+    def mean_logit_diff(self, plans: PlansLike) -> np.ndarray:
         """Mean logit difference of every plan: float64 [P] (from fp32 values),
         through ``runner.logit_diff`` (two vocabulary columns, cached inputs)."""
         inp = self.inputs
-        extra = {} if self.ablation is None else {"ablation": self.ablation}
         diff = self.runner.logit_diff(plans, inp.prompts, inp.answers, inp.wrong_answers,
                                       prepend_bos=self.prepend_bos, progress=self.progress,
-                                      **extra)
+                                      ablation=self.ablation)
         self.calls += 1
         self.plans += diff.shape[0]
         return diff.mean(dim=1).double().cpu().numpy()
@@ -120,7 +134,7 @@ class Evaluator:
             self._full = check_full(float(self.mean_logit_diff(["all"])[0]))
         return self._full
 
-    def score(self, plans: Any) -> np.ndarray:
+    def score(self, plans: PlansLike) -> np.ndarray:
         """Mean logit difference as a fraction of the full model's: [P]."""
         return self.mean_logit_diff(plans) / self.full
 

@@ -20,7 +20,8 @@ import torch
 
 from ..errors import InputError
 from ..plans import Plan
-from .common import Evaluator, resolve_ablation, resolve_inputs
+from ..run import Runner
+from .common import AblationArg, Evaluator, TaskArg, resolve_ablation, resolve_inputs
 
 
 @dataclass
@@ -54,9 +55,9 @@ class InteractionResult:
             for i, j in combinations(range(k), 2)])
 
 
-def interactions(runner: Any, components: Sequence[str], task: Any = None, *,
+def interactions(runner: Runner, components: Sequence[str], task: TaskArg = None, *,
                  prompts: Sequence[str] | None = None, answers: Sequence[str] | None = None,
-                 wrong_answers: Sequence[str] | None = None, ablation: Any = None,
+                 wrong_answers: Sequence[str] | None = None, ablation: AblationArg = None,
                  prepend_bos: bool | None = None, progress: bool | None = None
                  ) -> InteractionResult:
     """Effects and pairwise interactions of removing ``components`` (plan items

@@ -19,8 +19,17 @@ import numpy as np
 
 from ..errors import InputError
 from ..plans import Plan, PlanSet, grid
+from ..run import Runner
 from . import scores
-from .common import Evaluator, check_full, mask_set, resolve_ablation, resolve_inputs
+from .common import (
+    AblationArg,
+    Evaluator,
+    TaskArg,
+    check_full,
+    mask_set,
+    resolve_ablation,
+    resolve_inputs,
+)
 
 UNIT_KINDS = ("block", "component")
 
@@ -67,10 +76,10 @@ def _layer_set(attn: np.ndarray, mlp: np.ndarray, n_heads: int) -> PlanSet:
     return mask_set(np.repeat(attn[:, :, None], n_heads, axis=2), mlp, attn)
 
 
-def prune_layers(runner: Any, task: Any = None, *, prompts: Sequence[str] | None = None,
+def prune_layers(runner: Runner, task: TaskArg = None, *, prompts: Sequence[str] | None = None,
                  answers: Sequence[str] | None = None,
                  wrong_answers: Sequence[str] | None = None, units: str = "block",
-                 threshold: float = 0.8, ablation: Any = None,
+                 threshold: float = 0.8, ablation: AblationArg = None,
                  prepend_bos: bool | None = None, progress: bool | None = None
                  ) -> LayerPruneResult:
     """Greedy pruning: each round evaluates removing every kept unit (one batched
@@ -143,10 +152,11 @@ def pareto_front(n_blocks: np.ndarray, score: np.ndarray) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
-def exhaustive(runner: Any, task: Any = None, *, prompts: Sequence[str] | None = None,
+def exhaustive(runner: Runner, task: TaskArg = None, *, prompts: Sequence[str] | None = None,
                answers: Sequence[str] | None = None,
                wrong_answers: Sequence[str] | None = None, n_layers: int | None = None,
-               threshold: float = 0.8, ablation: Any = None, prepend_bos: bool | None = None,
+               threshold: float = 0.8, ablation: AblationArg = None,
+               prepend_bos: bool | None = None,
                progress: bool | None = None) -> ExhaustiveResult:
     """Every subset of whole blocks in one batched call (``fs.grid.block_subsets``).
 

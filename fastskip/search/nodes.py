@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,8 +28,20 @@ from ..ablation import Ablation, as_ablation
 from ..errors import InputError
 from ..plans import Plan
 from ..reference import plan_hooks, reference_sources
-from .common import Evaluator, check_full, mask_set, resolve_ablation, resolve_inputs
+from ..run import Runner
+from .common import (
+    AblationArg,
+    Evaluator,
+    TaskArg,
+    check_full,
+    mask_set,
+    resolve_ablation,
+    resolve_inputs,
+)
 from .speculate import WalkStats, walk
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 Candidate = tuple[int, int]  # (layer, head); head -1 = the layer's MLP
 State = tuple[np.ndarray, np.ndarray]  # kept heads [L, H], kept MLPs [L]
@@ -116,10 +128,10 @@ def _result(state: State, trace: list[Step], threshold: float, full: float,
         full_logit_diff=full, stats=stats)
 
 
-def prune_nodes(runner: Any, task: Any = None, *, prompts: Sequence[str] | None = None,
+def prune_nodes(runner: Runner, task: TaskArg = None, *, prompts: Sequence[str] | None = None,
                 answers: Sequence[str] | None = None,
                 wrong_answers: Sequence[str] | None = None, threshold: float = 0.8,
-                ablation: Any = None, second_pass: bool = False, batch: int = 32,
+                ablation: AblationArg = None, second_pass: bool = False, batch: int = 32,
                 speculate: str = "adaptive", prepend_bos: bool | None = None,
                 progress: bool | None = None) -> PruneResult:
     """Iterative node pruning (see the module docstring), batched.
@@ -191,11 +203,12 @@ def _pad(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     return out
 
 
-def _tl_sources(model: Any, ablation: Any, tokens: torch.Tensor, lengths: list[int],
+def _tl_sources(model: HookedTransformer, ablation: Ablation | str | None,
+                tokens: torch.Tensor, lengths: list[int],
                 bos: bool) -> dict[str, torch.Tensor] | None:
     """``reference_sources`` for an ablation given as prompts or tokens."""
     abl = as_ablation(ablation)
-    if abl is None or abl.tokens is not None:
+    if abl is None or abl.prompts is None:
         return reference_sources(model, abl, tokens)
     rows = [model.to_tokens(p, prepend_bos=bos, truncate=False)[0].cpu() for p in abl.prompts]
     if abl.kind == "resample":
@@ -212,12 +225,12 @@ def _tl_sources(model: Any, ablation: Any, tokens: torch.Tensor, lengths: list[i
 
 
 @torch.no_grad()
-def prune_nodes_sequential(model: Any, task: Any = None, *,
+def prune_nodes_sequential(model: HookedTransformer, task: TaskArg = None, *,
                            prompts: Sequence[str] | None = None,
                            answers: Sequence[str] | None = None,
                            wrong_answers: Sequence[str] | None = None,
                            threshold: float = 0.8, second_pass: bool = False,
-                           ablation: Any = None, prepend_bos: bool | None = None,
+                           ablation: AblationArg = None, prepend_bos: bool | None = None,
                            max_candidates: int | None = None) -> PruneResult:
     """The plain reference: one TransformerLens ``run_with_hooks`` per candidate
     (hooks from ``fs.plan_hooks``), the logit difference computed from its logits.

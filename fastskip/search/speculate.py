@@ -136,7 +136,8 @@ def walk(candidates: Sequence[object], state: object, threshold: float,
             plans.append(remove(st, candidates[i + len(path)]))
         scores = evaluate(plans)
         where = {path: row for row, path in enumerate(paths)}
-        start, start_score, real = i, score, ()
+        start, start_score = i, score
+        real: Path = ()
         while i < n and real in where:
             s = float(scores[where[real]])
             rem = s >= threshold

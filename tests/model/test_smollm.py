@@ -1,4 +1,5 @@
-"""Tests for fastskip.model.smollm: SmolLM2-135M-Instruct from GGUF into TransformerLens, with a cache.
+"""Tests for fastskip.model.smollm: SmolLM2-135M-Instruct from GGUF into TransformerLens,
+with a cache.
 
 The real-model tests share one conversion (module-scoped fixture, ~30 s on CPU) and add
 one reference ``transformers`` load and one cache rebuild: about 1.5 minutes in all.

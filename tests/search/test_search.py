@@ -375,7 +375,7 @@ def test_inputs_and_ablation_pass_through():
     rec = RecordingRunner(runner)
     by_lists = search.prune_layers(rec, prompts=task.prompts, answers=task.answers,
                                    wrong_answers=task.wrong_answers, threshold=0.3)
-    assert all("ablation" not in kw for kw in rec.calls)
+    assert all(kw.get("ablation") is None for kw in rec.calls)  # zero ablation
     assert by_lists.removed == search.prune_layers(runner, task, threshold=0.3).removed
     rec.calls.clear()
     search.prune_nodes(rec, task, threshold=0.5, ablation="mean")
