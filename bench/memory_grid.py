@@ -19,17 +19,9 @@ import gc
 import time
 
 import fastskip as fs
-from fastskip.run.memory import parse_memory
+from fastskip.run.memory import parse_memory, status_bytes
 
 MiB = 2**20
-
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def main() -> None:

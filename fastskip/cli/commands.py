@@ -241,15 +241,15 @@ def trace_pairs(result: Any) -> list[tuple[str, float]] | None:
 
 def cmd_search(args: Args) -> int:
     """``fastskip search``: prune nodes or layers with fastskip.search."""
-    from .. import search
+    from ..search import LayerPruneResult, PruneResult, prune_layers, prune_nodes
 
     task = load_task(args)
     runner = load_runner(args)
-    result: search.PruneResult | search.LayerPruneResult
+    result: PruneResult | LayerPruneResult
     if args.method == "prune-nodes":
-        result = search.prune_nodes(runner, task, threshold=args.threshold)
+        result = prune_nodes(runner, task, threshold=args.threshold)
     else:
-        result = search.prune_layers(runner, task, units=args.units, threshold=args.threshold)
+        result = prune_layers(runner, task, units=args.units, threshold=args.threshold)
     print(f"plan: {result.plan}")
     for name in ("score", "threshold", "full_logit_diff"):
         if isinstance(getattr(result, name, None), (int, float)):

@@ -7,9 +7,12 @@ Sizes are in bytes of ``element_bytes(dtype)`` per element.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
 import re
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -154,3 +157,34 @@ def split_budget(sizes: MemorySizes, budget: int, B: int, T: int, Q: int) -> Bud
     ensure_fits(need, budget, what,
                 f"raise max_memory to at least {need} bytes or use fewer/shorter prompts")
     return Budget(max_rows, unembed_rows, arena)
+
+
+# -- measuring (Linux): what the budget is checked against in tests and benchmarks
+
+
+def status_bytes(field: str) -> int:
+    """A size field of /proc/self/status (VmRSS, VmHWM, ...) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def can_measure_peak() -> bool:
+    """Whether ``peak_rss`` works here (Linux with a writable /proc/self/clear_refs)."""
+    path = "/proc/self/clear_refs"
+    return os.path.exists(path) and os.access(path, os.W_OK)
+
+
+@contextlib.contextmanager
+def peak_rss() -> Iterator[dict[str, int]]:
+    """Yields a dict that gets 'before', 'peak' and 'increase' (peak RSS during the
+    block minus the RSS before it), in bytes."""
+    gc.collect()
+    out = {"before": status_bytes("VmRSS")}
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    yield out
+    out["peak"] = status_bytes("VmHWM")
+    out["increase"] = out["peak"] - out["before"]

@@ -20,7 +20,7 @@ from fastskip.output import tables
 from fastskip.output.sweep import sweep
 from helpers import ANSWERS, PROMPTS
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parents[1]  # helpers.py lives there
 
 
 class Interrupted(Exception):

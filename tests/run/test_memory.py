@@ -15,13 +15,11 @@ The GPT-2-small-sized measurement (65,536 plans, max_memory="2GB", minutes) is
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -29,6 +27,7 @@ import torch
 from strategies import tokenizer
 
 import fastskip as fs
+from fastskip.run.memory import can_measure_peak, peak_rss
 from fastskip.run.tree import arena_sizes, build_tree, step_keys
 from helpers import small_model
 
@@ -39,28 +38,8 @@ MiB = 2**20
 SLACK = 16 * MiB  # interpreter, allocator fragmentation, small temporaries: fixed, not per plan
 
 pytestmark = pytest.mark.skipif(
-    not (os.path.exists("/proc/self/clear_refs") and os.access("/proc/self/clear_refs", os.W_OK)),
+    not can_measure_peak(),
     reason="peak RSS is measured through Linux's /proc/self/clear_refs and VmHWM")
-
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-@contextmanager
-def peak_rss():
-    """Yields a dict that gets 'increase': peak RSS during the block minus RSS before."""
-    gc.collect()
-    out = {"before": status_bytes("VmRSS")}
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    yield out
-    out["peak"] = status_bytes("VmHWM")
-    out["increase"] = out["peak"] - out["before"]
 
 
 def tensor_bytes(*ts) -> int:

@@ -195,10 +195,12 @@ def test_300_random_plans_of_every_kind_on_gpt2_small_random(gpt2_runner, gpt2_r
     assert not report.failures, report.failures[:3]
     plain = [e for i, e in enumerate(report.errors) if i not in report.arbitrated]
     assert max(plain) <= ATOL
-    # plans above 1e-4 are ill-conditioned /noln plans where TransformerLens fp32 is itself
-    # that far from float64; fastskip is within 2x of its error (check's arbitration)
-    for i, (ours, theirs) in report.arbitrated.items():
-        assert "noln" in report.plans[i] and theirs > ATOL / 2 and ours <= 2 * theirs
+    # plans above 1e-4 are ill-conditioned /noln plans whose residual stream grows: fastskip
+    # is within 2x of TransformerLens fp32's own error against float64, or within the
+    # tolerance scaled by that growth (check's arbitration)
+    for i, v in report.arbitrated.items():
+        assert "noln" in report.plans[i] and v.growth > 1
+        assert v.ours <= 2 * v.theirs or v.ours <= ATOL * v.growth
     assert len(report.arbitrated) <= 10
     print(f"\nmax |logit error| over {len(plain)} plans: {max(plain):.2e}; "
           f"{len(report.arbitrated)} ill-conditioned /noln plans arbitrated in float64: "
