@@ -1,7 +1,7 @@
 """Fused Triton kernels for the MLP sublayer (shipped as ``fastskip.kernels``).
 
 - ``ln_pre_gelu_mlp_in``: gelu_new(LayerNormPre(x) @ W_in + b_in)        (GPT-2 style)
-- ``rms_pre_swiglu_mlp_in``: silu(RMSPre(x) @ W_gate) * (RMSPre(x) @ W_in) (Llama style)
+- ``rms_pre_swiglu_mlp_in``: silu(RMSPre(x) @ W_gate) * (RMSPre(x) @ W_in) + b_in (Llama)
 - ``mlp_out_residual``: resid + scale[:, None] * (h @ W_out + b_out)
 
 Each replaces a piece of ``fastskip.model.blocks`` (``mlp_hidden``, ``mlp_out``) on GPUs, and
@@ -16,13 +16,12 @@ import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .mlp_gelu import ln_pre_gelu_mlp_in
+    from .mlp_in import ln_pre_gelu_mlp_in, rms_pre_swiglu_mlp_in
     from .mlp_out import mlp_out_residual
-    from .mlp_swiglu import rms_pre_swiglu_mlp_in
 
 _LAZY = {
-    "ln_pre_gelu_mlp_in": "mlp_gelu",
-    "rms_pre_swiglu_mlp_in": "mlp_swiglu",
+    "ln_pre_gelu_mlp_in": "mlp_in",
+    "rms_pre_swiglu_mlp_in": "mlp_in",
     "mlp_out_residual": "mlp_out",
 }
 

@@ -30,12 +30,13 @@ def small_model(seed: int = 0, normalization_type: str = "LNPre", **overrides):
 
 def small_llama(seed: int = 0, normalization_type: str = "RMSPre", **overrides):
     """A 3-layer Llama-style model (RMSNorm, rotary, 4 query heads sharing 2
-    key/value heads, gated SiLU MLP, no biases) with the GPT-2 tokenizer."""
+    key/value heads, gated SiLU MLP) with the GPT-2 tokenizer, random biases wherever
+    the architecture has them (attention, MLP, unembedding) and random RMSNorm weights."""
     import warnings
 
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from fastskip.model.load import gpt2_tokenizer
+    from fastskip.model.load import gpt2_tokenizer, randomize_biases
 
     cfg = dict(n_layers=3, d_model=64, d_head=16, n_heads=4, n_key_value_heads=2, d_mlp=128,
                n_ctx=64, d_vocab=50257, act_fn="silu", normalization_type=normalization_type,
@@ -51,4 +52,5 @@ def small_llama(seed: int = 0, normalization_type: str = "RMSPre", **overrides):
         for name, p in model.named_parameters():
             if name.endswith(".w") and ("ln" in name):  # unfolded RMSNorm weights
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+    randomize_biases(model, seed)
     return model.eval()

@@ -127,13 +127,13 @@ def attention_out(z: torch.Tensor, lw: LayerWeights, head_mask: torch.Tensor | N
 def mlp_hidden(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig, apply_ln: bool
                ) -> torch.Tensor:
     """The MLP's hidden activations [..., F] from residual states x [..., d] (its
-    norm applied here): act(x W_in + b_in), or act(x W_gate) * (x W_in + b_in)
-    for gated MLPs. (The first half the fused kernels replace.)"""
+    norm applied here): act(x W_in + b_in), or act(x W_gate) * (x W_in) + b_in
+    for gated MLPs (TransformerLens' GatedMLP adds b_in after the product). (The
+    first half the fused kernels replace.)"""
     x = normalize(x, lw.ln2_w, lw.ln2_b, cfg, apply_ln)
-    pre = x @ lw.W_in + lw.b_in
     if lw.W_gate is not None:
-        return activation(x @ lw.W_gate, cfg.act_fn) * pre
-    return activation(pre, cfg.act_fn)
+        return activation(x @ lw.W_gate, cfg.act_fn) * (x @ lw.W_in) + lw.b_in
+    return activation(x @ lw.W_in + lw.b_in, cfg.act_fn)
 
 
 def mlp_out(hidden: torch.Tensor, lw: LayerWeights) -> torch.Tensor:

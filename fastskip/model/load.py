@@ -132,11 +132,12 @@ def gpt2_small_config(**overrides: Any) -> HookedTransformerConfig:
 
 def randomize_biases(model: HookedTransformer, seed: int, std: float = 0.1) -> None:
     """Give every bias of ``model`` seeded N(0, std) values (TransformerLens
-    initialises them to zero, which would hide bias bugs)."""
+    initialises them to zero, which would hide bias bugs): b_Q, b_K, b_V, b_O,
+    b_in, b_out, b_U, and the grouped-query ``_b_K``/``_b_V``."""
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.split(".")[-1].startswith("b_"):
+            if name.split(".")[-1].lstrip("_").startswith("b_"):
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 

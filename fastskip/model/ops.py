@@ -122,7 +122,7 @@ class StepOps:
         if scale is not None:  # one scale per state -> one per row of x2
             rows_scale = scale.to(torch.float32).repeat_interleave(x2.shape[0] // shape[0])
         if lw.W_gate is not None:
-            h = K.rms_pre_swiglu_mlp_in(x2, lw.W_gate, lw.W_in, normalize=apply_ln,
+            h = K.rms_pre_swiglu_mlp_in(x2, lw.W_gate, lw.W_in, lw.b_in, normalize=apply_ln,
                                         eps=self.cfg.eps)
         else:
             h = K.ln_pre_gelu_mlp_in(x2, lw.W_in, lw.b_in, normalize=apply_ln, eps=self.cfg.eps)

@@ -117,10 +117,10 @@ def gelu_ref(x, w, b, normalize=True, eps=1e-5):
     return hidden_ref("LNPre", "gelu_new", x, w, b, normalize=normalize, eps=eps)
 
 
-def swiglu_ref(x, wg, wi, normalize=True, eps=1e-6):
-    """The Llama style MLP's hidden activations: silu(RMSPre(x) @ wg) * (RMSPre(x) @ wi)."""
-    zero = torch.zeros(wi.shape[1], dtype=wi.dtype, device=wi.device)
-    return hidden_ref("RMSPre", "silu", x, wi, zero, w_gate=wg, normalize=normalize, eps=eps)
+def swiglu_ref(x, wg, wi, b=None, normalize=True, eps=1e-6):
+    """The Llama style MLP's hidden activations: silu(RMSPre(x) @ wg) * (RMSPre(x) @ wi) + b."""
+    b = torch.zeros(wi.shape[1], dtype=wi.dtype, device=wi.device) if b is None else b
+    return hidden_ref("RMSPre", "silu", x, wi, b, w_gate=wg, normalize=normalize, eps=eps)
 
 
 def out_ref(h, w, b, r, s=None):
@@ -175,6 +175,10 @@ def test_swiglu_reference_matches_written_out_formula():
     g_raw = x @ wg
     got = swiglu_ref(x, wg, wi, normalize=False)
     torch.testing.assert_close(got, g_raw * torch.sigmoid(g_raw) * (x @ wi))
+    # TransformerLens' gated MLP adds b_in after the product: act(x W_gate) * (x W_in) + b_in
+    b = make(80, seed=7).double().cpu()
+    got = swiglu_ref(x, wg, wi, b, normalize=False)
+    torch.testing.assert_close(got, g_raw * torch.sigmoid(g_raw) * (x @ wi) + b)
 
 
 def test_mlp_out_reference_matches_written_out_formula():
@@ -220,10 +224,12 @@ def test_rms_pre_swiglu_kernel(M, D, F, blk, dtype):
     x = make(M, D, dtype=dtype, scale=3.0, seed=11)
     wg = make(D, F, dtype=dtype, scale=D**-0.5, seed=12)
     wi = make(D, F, dtype=dtype, scale=D**-0.5, seed=13)
+    b = make(F, dtype=dtype, scale=0.5, seed=14)
     for normalize in (True, False):
-        out = K.rms_pre_swiglu_mlp_in(x, wg, wi, normalize=normalize, **tiles(blk))
-        ref = swiglu_ref(x, wg, wi, normalize=normalize)
-        check(out, ref, dtype)
+        for bias in (b, None):
+            out = K.rms_pre_swiglu_mlp_in(x, wg, wi, bias, normalize=normalize, **tiles(blk))
+            ref = swiglu_ref(x, wg, wi, bias, normalize=normalize)
+            check(out, ref, dtype)
 
 
 @needs_triton

@@ -31,6 +31,17 @@ def test_small_llama_matches_reference(norm):
     assert fs.check(runner, ["all,-1.0", "0.1,0.3", "2.0-1,2.mlp"], tokens) <= ATOL
 
 
+def test_gated_mlp_input_bias_is_added_after_the_product():
+    """Fixed (issue 12, item 1): the fast path computed act(x W_gate) * (x W_in + b_in);
+    TransformerLens' gated MLP computes act(x W_gate) * (x W_in) + b_in (seen: '0.mlp'
+    differs by 4.46 with a random b_in)."""
+    model = small_llama(seed=3)
+    assert all(float(b.mlp.b_in.abs().min()) > 0 for b in model.blocks), "b_in must be random"
+    tokens = model.to_tokens(PROMPTS)
+    runner = fs.Runner(model)
+    assert fs.check(runner, ["0.mlp", "1.mlp/noln", "all", "2.mlp"], tokens, atol=ATOL) <= ATOL
+
+
 def test_small_llama_kernel_path_and_ablation():
     pytest.importorskip("triton", reason="the kernel path needs triton")
     model = small_llama(seed=1)
