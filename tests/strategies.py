@@ -169,7 +169,10 @@ def item_text(it: ItemSpec, upper: bool = False, long_form: bool = False) -> str
 
 def apply_items(items: list[ItemSpec], n_layers: int, n_heads: int) -> PlanMask:
     """The README's plan table, written out: items applied left to right to an
-    empty set of kept components."""
+    empty set of kept components. Norms, as the table says: an item with /noln
+    switches off the norm before each component it names; an item without it
+    switches the norm on only where it keeps something not kept before (a
+    component, or a head of the layer's attention: one norm serves all its heads)."""
     attn = np.zeros(n_layers, bool)
     heads = np.zeros((n_layers, n_heads), bool)
     mlp = np.zeros(n_layers, bool)
@@ -185,24 +188,34 @@ def apply_items(items: list[ItemSpec], n_layers: int, n_heads: int) -> PlanMask:
             assert it.layers is not None
             layers = range(it.layers[0], it.layers[1] + 1)
         for L in layers:
-            if it.target in ("all", "block", "attn"):
-                attn[L] = not it.remove  # the whole attention: every head and the bias
-                heads[L] = not it.remove
-                if not it.remove:
-                    attn_ln[L] = not it.noln
-            if it.target in ("all", "block", "mlp"):
-                mlp[L] = not it.remove
-                if not it.remove:
-                    mlp_ln[L] = not it.noln
-            if it.target == "heads":
-                assert it.heads is not None
-                hs = slice(it.heads[0], it.heads[1] + 1)
-                if it.remove:  # the attention (and its bias) stays
-                    heads[L, hs] = False
+            if it.target in ("all", "block", "attn", "heads"):
+                named = np.zeros(n_heads, bool)
+                if it.target == "heads":
+                    assert it.heads is not None
+                    named[it.heads[0]: it.heads[1] + 1] = True
                 else:
-                    attn[L] = True
-                    heads[L, hs] = True
-                    attn_ln[L] = not it.noln  # one norm serves all the layer's heads
+                    named[:] = True  # the whole attention: every head and the bias
+                if it.remove and it.target == "heads":  # the attention (and its bias) stays
+                    heads[L] &= ~named
+                elif it.remove:
+                    attn[L], heads[L] = False, False
+                else:
+                    new = not attn[L] or bool((named & ~heads[L]).any())
+                    attn[L], heads[L] = True, heads[L] | named
+                    if it.noln:
+                        attn_ln[L] = False
+                    elif new:
+                        attn_ln[L] = True
+            if it.target in ("all", "block", "mlp"):
+                if it.remove:
+                    mlp[L] = False
+                else:
+                    new = not mlp[L]
+                    mlp[L] = True
+                    if it.noln:
+                        mlp_ln[L] = False
+                    elif new:
+                        mlp_ln[L] = True
     return PlanMask(attn, heads, mlp, attn_ln, mlp_ln).normalized()
 
 
@@ -228,6 +241,8 @@ def plan_texts(draw, n_layers: int, n_heads: int, max_items: int = 5
     """Plan text of 1..max_items items (random spacing and case) and the masks it
     must resolve to."""
     its = draw(st.lists(items(n_layers, n_heads), min_size=1, max_size=max_items))
+    if its[0].remove:  # a plan cannot start with a removal (it would keep nothing)
+        its = [ItemSpec(False, "all", None, None, False), *its]
     upper, long_form = draw(st.booleans()), draw(st.booleans())
     sep = draw(st.sampled_from([",", ", ", " , "]))
     text = sep.join(item_text(it, upper, long_form) for it in its)

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import PlanError
-from .plan import Plan
+from .apply import MaskArrays, apply_item
+from .plan import parse_items, resolve_item
 from .planset import PlanSet
 
 UNITS = ("block", "attn", "mlp", "head")
@@ -73,35 +74,38 @@ def leave_one_out(n_layers: int, n_heads: int, units: str | Sequence[str] = "blo
 def component_subsets(components: Sequence[str], n_layers: int, n_heads: int,
                       base: str = "all") -> PlanSet:
     """All 2^k combinations of removing (base 'all') or adding (base 'none') the
-    given components, e.g. ``["9.mlp", "8.attn", "8.11"]``. Plan i applies
-    component k iff bit k of i is set."""
+    given components, e.g. ``["9.mlp", "8.attn", "8.11"]``: plan i is the plan text
+    ``all,-c_a,-c_b,...`` (base 'none': ``c_a,c_b,...``) of the components c_k whose
+    bit k of i is set, in the order given, and equals ``Plan.parse`` of that text.
+    A component is a plan item (or several, comma-separated); removals cannot carry
+    ``/noln``, so with base 'all' components are written without it."""
     if base not in ("all", "none"):
         raise PlanError(f"base must be 'all' or 'none', got '{base}'")
-    base_mask = Plan.parse(base, n_layers, n_heads).mask
-    deltas = []
+    verb = "remove" if base == "all" else "add"
+    parsed = []
     for c in components:
-        m = Plan.parse(c, n_layers, n_heads).mask
-        if not m.attn.any() and not m.mlp.any():
-            raise PlanError(f"component '{c}' names nothing")
-        deltas.append(m)
-    bits = _bits(len(deltas))
-    n = bits.shape[0]
-    tile = lambda a: np.repeat(a[None], n, axis=0).copy()  # noqa: E731
-    attn, heads, mlp = tile(base_mask.attn), tile(base_mask.heads), tile(base_mask.mlp)
-    for k, d in enumerate(deltas):
-        sel = bits[:, k]
-        if base == "all":
-            # removing a whole attention removes its bias; removing heads keeps it
-            whole = d.attn & d.heads.all(axis=1)
-            attn[np.ix_(sel, whole)] = False
-            heads[sel] &= ~d.heads[None]
-            mlp[np.ix_(sel, d.mlp)] = False
-        else:
-            attn[np.ix_(sel, d.attn)] = True
-            heads[sel] |= d.heads[None]
-            mlp[np.ix_(sel, d.mlp)] = True
-    ones = np.ones((n, n_layers), dtype=bool)
-    return PlanSet(attn, heads, mlp, ones, ones.copy())
+        if not isinstance(c, str):
+            raise PlanError(f"component {c!r} is not a plan item like '9.mlp' or '8.11'")
+        if c.strip().startswith("-"):
+            raise PlanError(f"component '{c}' names nothing to {verb}; give items like "
+                            "'9.mlp', '8.attn', '8.11' (the grid removes or adds them)")
+        items = parse_items(c)
+        for it in items:
+            if it.target in ("all", "none") or it.remove:
+                raise PlanError(f"component '{c}': item '{it.text}' is not a component to "
+                                f"{verb}; give items like '9.mlp', '8.attn', '8.11'")
+            if it.noln and base == "all":
+                raise PlanError(f"component '{c}': with base 'all' components are removed, "
+                                "and a removal cannot carry /noln; use base='none'")
+        parsed.append([(it, resolve_item(it, c, n_layers, n_heads)) for it in items])
+    bits = _bits(len(parsed))
+    m = MaskArrays.empty(bits.shape[0], n_layers, n_heads)
+    if base == "all":
+        apply_item(m, "block", False, False, slice(0, n_layers), None, slice(None))
+    for k, resolved in enumerate(parsed):  # component k, on the plans that have bit k set
+        for it, (target, layers, heads) in resolved:
+            apply_item(m, target, base == "all", it.noln, layers, heads, bits[:, k])
+    return PlanSet(*m.normal())
 
 
 def random_plans(n: int, n_layers: int, n_heads: int, seed: int = 0,

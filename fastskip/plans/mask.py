@@ -70,9 +70,3 @@ class PlanMask:
     def n_components(self) -> tuple[int, int, int]:
         """(kept attention layers, kept heads, kept MLPs)."""
         return int(self.attn.sum()), int(self.heads.sum()), int(self.mlp.sum())
-
-
-def empty_mask(n_layers: int, n_heads: int) -> PlanMask:
-    """The plan 'none' (norm flags on) for a model of this size."""
-    z = np.zeros(n_layers, dtype=bool)
-    return PlanMask(z.copy(), np.zeros((n_layers, n_heads), bool), z.copy(), ~z, ~z)

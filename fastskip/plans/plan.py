@@ -8,7 +8,12 @@ empty set of kept components (see the README for the table):
     8.11, 8.0-3       heads of a layer's attention (the layer's output bias stays)
     .../noln          skip the normalisation before that component
     all, none         every component / nothing
-    -X                remove X from what is kept so far
+    -X                remove X from what is kept so far (not as the first item: a
+                      plan that starts with a removal keeps nothing; write all,-X)
+
+Norms: ``/noln`` switches off the norm before each component the item names; an
+item without it switches the norm on only where it keeps something new (see
+``fastskip.plans.apply``).
 
 Parsing needs no model; binding a plan to a model size (``Plan.parse(text,
 n_layers=12, n_heads=12)`` or ``plan.bind(12, 12)``) resolves it into masks and
@@ -25,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PlanError
-from .mask import PlanMask, empty_mask
+from .apply import MaskArrays, apply_item
+from .mask import PlanMask
 from .text import canonical_text, range_text
 
 # --------------------------------------------------------------------------- items
@@ -134,56 +140,45 @@ def parse_items(text: str) -> tuple[Item, ...]:
                 f"plan '{text}': item {index} '{shown}' at character {at}: {e}"
             ) from None
         offset += len(raw) + 1
+    if items[0].remove:
+        first = items[0]
+        raise PlanError(
+            f"plan '{text}': item 1 '{first.text}' removes from an empty plan, which keeps "
+            f"nothing; to remove from the full model write 'all,{text.strip()}'")
     return tuple(items)
 
 
+def resolve_item(it: Item, plan_text: str, n_layers: int, n_heads: int
+                 ) -> tuple[str, slice, slice | None]:
+    """The item's target for ``apply_item`` ("all" is "block" over every layer) and
+    the layer and head ranges it names, checked against the model's size."""
+    where = f"plan '{plan_text}': item {it.index} '{it.text}'"
+    if it.target in ("all", "none"):
+        return ("none" if it.target == "none" else "block"), slice(0, n_layers), None
+    assert it.layers is not None
+    lo, hi = it.layers
+    if hi >= n_layers:
+        bad = lo if lo >= n_layers else hi
+        raise PlanError(f"{where}: layer {bad} does not exist; the model has layers "
+                        f"0-{n_layers - 1}")
+    heads = None
+    if it.target == "heads":
+        assert it.heads is not None
+        hlo, hhi = it.heads
+        if hhi >= n_heads:
+            bad = hlo if hlo >= n_heads else hhi
+            raise PlanError(f"{where}: head {bad} does not exist; each layer has heads "
+                            f"0-{n_heads - 1}")
+        heads = slice(hlo, hhi + 1)
+    return it.target, slice(lo, hi + 1), heads
+
+
 def _apply(items: Sequence[Item], plan_text: str, n_layers: int, n_heads: int) -> PlanMask:
-    m = empty_mask(n_layers, n_heads)
-    attn, heads, mlp, attn_ln, mlp_ln = m.attn, m.heads, m.mlp, m.attn_ln, m.mlp_ln
+    m = MaskArrays.empty(1, n_layers, n_heads)
     for it in items:
-        where = f"plan '{plan_text}': item {it.index} '{it.text}'"
-        if it.target in ("all", "none"):
-            sl = slice(0, n_layers)
-            target = "block"
-        else:
-            lo, hi = it.layers  # type: ignore[misc]
-            if hi >= n_layers:
-                bad = lo if lo >= n_layers else hi
-                raise PlanError(
-                    f"{where}: layer {bad} does not exist; the model has layers "
-                    f"0-{n_layers - 1}"
-                )
-            sl = slice(lo, hi + 1)
-            target = it.target
-        if it.target == "none":
-            attn[:] = mlp[:] = False
-            heads[:] = False
-            continue
-        if target == "heads":
-            hlo, hhi = it.heads  # type: ignore[misc]
-            if hhi >= n_heads:
-                bad = hlo if hlo >= n_heads else hhi
-                raise PlanError(
-                    f"{where}: head {bad} does not exist; each layer has heads 0-{n_heads - 1}"
-                )
-            hs = slice(hlo, hhi + 1)
-            if it.remove:
-                heads[sl, hs] = False
-            else:
-                attn[sl] = True
-                heads[sl, hs] = True
-                attn_ln[sl] = not it.noln
-            continue
-        if target in ("block", "attn"):
-            attn[sl] = not it.remove
-            heads[sl] = not it.remove
-            if not it.remove:
-                attn_ln[sl] = not it.noln
-        if target in ("block", "mlp"):
-            mlp[sl] = not it.remove
-            if not it.remove:
-                mlp_ln[sl] = not it.noln
-    return m.normalized()
+        target, layers, heads = resolve_item(it, plan_text, n_layers, n_heads)
+        apply_item(m, target, it.remove, it.noln, layers, heads, slice(None))
+    return PlanMask(*(a[0] for a in m.normal()))
 
 
 # --------------------------------------------------------------------------- Plan

@@ -165,3 +165,33 @@ def test_plan_set_and_grids():
         fs.PlanSet.from_plans([], 12, 12)
     with pytest.raises(fs.PlanError, match="plan #1 is a int"):
         fs.PlanSet.from_plans(["all", 3], 12, 12)
+
+
+@pytest.mark.parametrize("text", ["-1-2", "-3", " -3.mlp,4", "-0.1"])
+def test_a_plan_that_starts_with_a_removal_is_refused(text):
+    """Fixed (issue 12, item 3): '-1-2' parsed as 'remove layers 1-2 from an empty
+    plan', which keeps nothing; almost always a typo for 'all,-1-2'."""
+    with pytest.raises(fs.PlanError, match=r"item 1 .* removes from an empty plan, which keeps "
+                                           r"nothing; .* write 'all,"):
+        fs.Plan.parse(text)
+
+
+def test_a_removal_after_none_is_explicit_and_allowed():
+    assert mask("none,-3") == mask("none")
+
+
+def test_an_item_that_adds_nothing_keeps_the_norm_flag():
+    """Fixed (issue 12, item 6): a head item without /noln switched its layer's
+    attention norm back on although the head was kept already ('all/noln,8.3' ran
+    layer 8's attention with its norm). The rule (README plan table): /noln switches
+    the named norms off; an item without it switches a norm on only where it keeps
+    something new."""
+    assert not mask("all/noln,8.3").attn_ln[8]
+    assert mask("all/noln,8.3") == mask("all/noln")
+    assert mask("all/noln,8.attn") == mask("all/noln")  # adds nothing: no change
+    assert mask("all/noln,9.mlp") == mask("all/noln")
+    assert mask("8.0/noln,8.1").attn_ln[8]  # head 8.1 is new: the norm goes back on
+    assert not mask("8.0,8.1/noln").attn_ln[8]  # /noln always switches it off
+    assert not mask("all,9.mlp/noln").mlp_ln[9] and mask("all,9.mlp/noln").attn_ln.all()
+    assert mask("all/noln,-8.attn,8.attn").attn_ln[8]  # removed, then kept anew
+    assert mask("all,8.attn,-8.0-11,8.2").attn_ln[8]
