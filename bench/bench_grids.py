@@ -18,7 +18,9 @@ from conftest import ANSWERS, PROMPTS, machine
 from measure import sample, time_plan_set
 
 import fastskip as fs
+from fastskip.inputs import make_batch
 from fastskip.reference.timing import hook_loop_per_plan
+from fastskip.run.answer_metrics import ranks_agree_up_to_ties
 
 
 def plan_sets() -> dict[str, fs.PlanSet]:
@@ -46,6 +48,14 @@ def test_grid_a_bf16(benchmark, gpt2, tokens, exact):
     ref = fs.Runner(gpt2, verbose=False).run(plans, PROMPTS, ANSWERS, progress=False)
     hooks = hook_loop_per_plan(gpt2, runner.plan_set(plans), tokens)
     mismatches = int((res.rank != ref.rank).sum())
+    if exact:  # exact ranks: those of the fp32 run, up to exact ties within fp32 round-off
+        batch = make_batch(gpt2, PROMPTS, ANSWERS)
+        fp32 = fs.Runner(gpt2, verbose=False)
+        for a in range(0, len(plans), 512):
+            part = runner.plan_set(plans).take(range(a, min(a + 512, len(plans))))
+            logits = fp32.asked_logits(part, batch)
+            assert ranks_agree_up_to_ties(res.rank[a:a + 512], ref.rank[a:a + 512], logits,
+                                          batch.answer_ids, 1e-5), "bf16 exact ranks differ"
     benchmark.extra_info.update({
         "plans": len(plans), "ms_per_plan": fast * 1e3, "ratio_vs_run_with_hooks": hooks / fast,
         "rank_mismatches_vs_fp32": mismatches,

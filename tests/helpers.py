@@ -54,3 +54,11 @@ def small_llama(seed: int = 0, normalization_type: str = "RMSPre", **overrides):
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
     randomize_biases(model, seed)
     return model.eval()
+
+
+def rank_band(row, token: int, tol: float) -> tuple[int, int]:
+    """The ranks an answer ``token`` may have when the logits ``row`` [V] are known to
+    ``tol``: entries other than the answer certainly above it .. possibly above it."""
+    own = float(row[token])
+    others = torch.cat([row[:token], row[token + 1:]])
+    return int((others > own + tol).sum()), int((others > own - tol).sum())

