@@ -6,6 +6,11 @@ import torch
 
 from fastskip.model.load import random_gpt2_small
 
+CUDA = torch.cuda.is_available()
+# Where tests run the Triton kernels: on the GPU where there is one (Triton compiled), else
+# on CPU tensors in Triton's interpreter (tests/conftest.py turns it on without a GPU).
+KERNEL_DEVICE = "cuda" if CUDA else "cpu"
+
 PROMPTS = ["1 2 3 4", "January February March April", "one two three four",
            "Sunday Monday Tuesday Wednesday", "A B C D", "5 6 7 8"]
 ANSWERS = [" 5", " May", " five", " Thursday", " E", " 9"]
@@ -52,3 +57,12 @@ def small_llama(seed: int = 0, normalization_type: str = "RMSPre", **overrides):
             if name.endswith(".w") and ("ln" in name):  # unfolded RMSNorm weights
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
     return model.eval()
+
+
+def kernel_runner(model, **kwargs):
+    """A Runner on the Triton kernel path (``kernels=True``) on ``KERNEL_DEVICE``,
+    not compiled (compile is tested on its own)."""
+    import fastskip as fs
+
+    kwargs.setdefault("verbose", False)
+    return fs.Runner(model, kernels=True, device=KERNEL_DEVICE, compile=False, **kwargs)
