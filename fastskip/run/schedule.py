@@ -8,7 +8,9 @@ everything queued before it. Done per step and batch, as a naive walk does
 of times per run and the launches could never run ahead of it. Here the walk is
 planned first; the executor then only issues device work: slices of one index
 tensor, gathers, the step math and scatters. An index array that is a run of
-consecutive slots becomes a slice (a view: no gather, no launch).
+consecutive slots becomes a slice (a view: no gather, no launch). (CUDA graphs
+are not used: the batch shapes of every step change with the plan set, so a
+captured graph would replay for no other call.)
 """
 
 from __future__ import annotations
