@@ -3,16 +3,24 @@
 
 Compiled, each of the three updates is one graph for the whole life of a
 runner: everything that varies between calls is data, not something Dynamo
-guards on. The layer's weights are arguments (every layer has the same shapes),
-the norm flag is a 0-d bool tensor, the head mask and the asked positions are
-always tensors (all heads / every position when the caller has none), and the
-sizes that change with plan counts, prompts and positions (states n, prompts B,
-positions T, asked positions Q) are marked *unbacked*: symbolic with no
-specialisation on 0 or 1 and no guard tying two equal sizes together. A new
-plan count, prompt count or position count therefore compiles nothing and
-never approaches Dynamo's recompile limit. ``compile_seconds`` counts the time
-of every call during which Dynamo compiled a graph (first compiles and any
-recompile alike), and ``graphs_compiled`` how many.
+guards on.
+
+* The layer's weights are arguments (every layer has the same shapes), passed
+  as detached views (a view's base would be guarded too) that never start at
+  storage offset 0 or 1 (``weights._from_slot_one``: Dynamo specialises those).
+* The norm flag is a 0-d bool tensor; the head mask and the asked positions
+  are always tensors (all heads / every position when the caller has none).
+* States are flattened to rows (states x prompts for attention, x positions
+  for the per-position parts), so that one symbolic size carries what varies,
+  and a size of 1 is padded to 2 (``at_least_two``): Dynamo specialises 1.
+* Duck sizing is off while a step is called (``_CompileSettings``): equal sizes
+  in one call do not become a guard that the next call breaks.
+
+A new plan count, prompt count or position count therefore compiles nothing
+(``tests/model/test_ops.py`` checks Dynamo's counters) and never approaches
+the recompile limit. ``compile_seconds`` counts the time of every call during
+which Dynamo compiled a graph (first compiles and recompiles alike), and
+``graphs_compiled`` how many.
 """
 
 from __future__ import annotations
@@ -113,9 +121,9 @@ class StepOps:
         self.graphs_compiled = 0
         self._announced = False
         self._detached: list[LayerWeights] | None = None
-        self._settings = _CompileSettings()
         self._reported = False
         if compile:
+            self._settings = _CompileSettings()
             self._mlp = torch.compile(_mlp_update, dynamic=True)
             self._z = torch.compile(_attention_z, dynamic=True)
             self._attn = torch.compile(_attn_update, dynamic=True)
