@@ -56,6 +56,8 @@ def _dot_precisions(dtype: torch.dtype) -> tuple[str, ...]:
 # values each constexpr flag takes, by name; a callable gets the kernel dtype
 FLAG_VALUES: dict[str, tuple[Any, ...] | Callable[[torch.dtype], tuple[Any, ...]]] = {
     "NORMALIZE": (True, False),
+    "CENTER": (True, False),  # LayerNorm vs RMSNorm statistics (a merged MLP-in kernel)
+    "GATED": (True, False),  # SwiGLU vs GELU MLP (a merged MLP-in kernel)
     "HAS_BIAS": (True, False),
     "HAS_SCALE": (True, False),
     "DOT_PRECISION": _dot_precisions,
