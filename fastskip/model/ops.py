@@ -96,6 +96,20 @@ class _CompileSettings:
         self.fx.use_duck_shape, self.dynamo.recompile_limit = self.saved.pop()
 
 
+def _plain_input(a: Any) -> Any:
+    """A compiled step's tensor argument as Dynamo should see it: contiguous (strides
+    that follow from the sizes, not from how the caller's view was cut), detached (a
+    view's base is one more tensor it would guard on) and starting at storage offset 0
+    (a slice of the state arena starts wherever its slots do, and Dynamo specialises
+    an offset of 0). Any copy this makes is small next to the matmuls that read it.
+    The layer weights come in a ``LayerWeights`` tuple, untouched here: they are
+    contiguous and their offsets never reach 0 (``weights._from_slot_one``)."""
+    if not isinstance(a, torch.Tensor):
+        return a
+    a = a.contiguous()
+    return a.clone() if a.storage_offset() else a.detach()
+
+
 def at_least_two(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """``t`` with its entries along ``dim`` repeated once when it has only one: Dynamo
     specialises a size of 1 (one more graph), so the compiled steps never see one."""
@@ -142,8 +156,7 @@ class StepOps:
             self._announced = True
             print("fastskip: compiling the forward with torch.compile (first call)...",
                   file=sys.stderr, flush=True)
-        # detached: a view's base is one more tensor Dynamo would guard on
-        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        args = tuple(_plain_input(a) for a in args)
         start = time.perf_counter()
         with self._settings:
             out = fn(*args)
