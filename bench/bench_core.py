@@ -9,14 +9,15 @@ from __future__ import annotations
 from conftest import ANSWERS, PROMPTS, machine
 
 import fastskip as fs
-from fastskip.reference.timing import hook_loop_per_plan
+from fastskip.reference.timing import hook_loop_per_plan, synced
 
 
 def test_64_random_block_plans(benchmark, gpt2, tokens):
     runner = fs.Runner(gpt2)
     plans = runner.plan_set(fs.grid.random_plans(64, 12, 12, seed=0, kinds=("block",)))
     runner.run(plans[:2], PROMPTS, ANSWERS)  # warm-up
-    benchmark.pedantic(runner.run, args=(plans, PROMPTS, ANSWERS), rounds=3, iterations=1)
+    benchmark.pedantic(synced(runner.run, runner.device), args=(plans, PROMPTS, ANSWERS),
+                       rounds=3, iterations=1)
     fast = benchmark.stats.stats.min / len(plans)
     slow = hook_loop_per_plan(gpt2, plans, tokens)
     benchmark.extra_info.update(

@@ -10,8 +10,6 @@ one-pass masked batch (no sharing). Ratios are per plan, measured in one run.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from conftest import ANSWERS, PROMPTS, machine
@@ -19,7 +17,7 @@ from measure import sample, time_plan_set
 
 import fastskip as fs
 from fastskip.inputs import make_batch
-from fastskip.reference.timing import hook_loop_per_plan
+from fastskip.reference.timing import hook_loop_per_plan, synced, timed
 from fastskip.run.answer_metrics import ranks_agree_up_to_ties
 
 
@@ -41,10 +39,10 @@ def test_grid_a_bf16(benchmark, gpt2, tokens, exact):
     plans = plan_sets()["a_block_grid_4096"]
     runner = fs.Runner(gpt2, dtype=torch.bfloat16, exact_ranks=exact, verbose=False)
     runner.run(sample(plans, 4), PROMPTS, ANSWERS)
-    start = time.perf_counter()
-    res = benchmark.pedantic(runner.run, args=(plans, PROMPTS, ANSWERS),
-                             kwargs={"progress": False}, rounds=1, iterations=1)
-    fast = (time.perf_counter() - start) / len(plans)
+    res, seconds = timed(lambda: benchmark.pedantic(
+        synced(runner.run, runner.device), args=(plans, PROMPTS, ANSWERS),
+        kwargs={"progress": False}, rounds=1, iterations=1), runner.device)
+    fast = seconds / len(plans)
     ref = fs.Runner(gpt2, verbose=False).run(plans, PROMPTS, ANSWERS, progress=False)
     hooks = hook_loop_per_plan(gpt2, runner.plan_set(plans), tokens)
     mismatches = int((res.rank != ref.rank).sum())

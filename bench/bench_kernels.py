@@ -16,6 +16,7 @@ import torch
 from fastskip import kernels as K
 from fastskip.model import blocks
 from fastskip.model.weights import BlockConfig, LayerWeights
+from fastskip.reference.timing import synced
 
 M, D, F = 4096, 768, 3072  # GPT-2 small: tokens, d_model, d_mlp
 
@@ -69,12 +70,8 @@ def test_bench(benchmark, op: str, dtype: torch.dtype, impl: str) -> None:
     args, flops = _inputs(op, dtype)
     fn(*args)  # compile / warm up outside the timed rounds
 
-    def run() -> torch.Tensor:
-        out = fn(*args)
-        torch.cuda.synchronize()
-        return out
-
-    out = benchmark.pedantic(run, rounds=20, iterations=3, warmup_rounds=2)
+    out = benchmark.pedantic(synced(fn, "cuda"), args=args, rounds=20, iterations=3,
+                             warmup_rounds=2)
     assert out.dtype == dtype and torch.isfinite(out).all()
     mean_s = benchmark.stats.stats.mean
     benchmark.extra_info.update(tflops=flops / mean_s / 1e12, M=M, D=D, F=F, dtype=str(dtype))

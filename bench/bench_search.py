@@ -12,12 +12,11 @@ to the whole walk; ``extra_info`` says so. Decisions on the prefix must agree.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from conftest import ANSWERS, PROMPTS, machine
 
 import fastskip as fs
+from fastskip.reference.timing import synced, timed
 from fastskip.search import prune_nodes, prune_nodes_sequential
 
 WRONG = [" 4", " April", " four", " Wednesday", " D", " 8"]  # the last member, repeated
@@ -38,9 +37,9 @@ def oriented(runner: fs.Runner) -> dict[str, list[str]]:
 def sequential_per_candidate(model, inputs: dict[str, list[str]], want: list[bool]) -> float:
     """Seconds per candidate of the sequential walk (its full-model run included),
     on the first PREFIX candidates; checks its decisions against ``want``."""
-    start = time.perf_counter()
-    seq = prune_nodes_sequential(model, threshold=THRESHOLD, max_candidates=PREFIX, **inputs)
-    per = (time.perf_counter() - start) / (len(seq.trace) + 1)
+    seq, seconds = timed(lambda: prune_nodes_sequential(
+        model, threshold=THRESHOLD, max_candidates=PREFIX, **inputs), model.cfg.device)
+    per = seconds / (len(seq.trace) + 1)
     assert [s.removed for s in seq.trace] == want[:PREFIX]
     return per
 
@@ -52,7 +51,7 @@ def test_prune_nodes_vs_sequential_run_with_hooks(benchmark, gpt2, batch):
     result = prune_nodes(runner, threshold=THRESHOLD, batch=batch, **inputs)  # warm-up
     want = [s.removed for s in result.trace]
     per = [sequential_per_candidate(gpt2, inputs, want)]
-    benchmark.pedantic(prune_nodes, args=(runner,),
+    benchmark.pedantic(synced(prune_nodes, runner.device), args=(runner,),
                        kwargs=dict(threshold=THRESHOLD, batch=batch, **inputs),
                        rounds=2, iterations=1)
     per.append(sequential_per_candidate(gpt2, inputs, want))

@@ -9,7 +9,7 @@ from baselines import tl_masked_batch
 from conftest import machine
 
 import fastskip as fs
-from fastskip.reference.timing import best_of, hook_loop_per_plan
+from fastskip.reference.timing import best_of, hook_loop_per_plan, synced
 from fastskip.run.flops import work_flops
 from fastskip.run.tree import step_keys
 
@@ -26,15 +26,17 @@ def time_plan_set(benchmark, model, tokens, plans: fs.PlanSet, prompts: list[str
     runner = fs.Runner(model, verbose=False)
     plans = runner.plan_set(plans)
     runner.run(sample(plans, 4), prompts, answers)  # warm-up
-    benchmark.pedantic(runner.run, args=(plans, prompts, answers),
+    benchmark.pedantic(synced(runner.run, runner.device), args=(plans, prompts, answers),
                        kwargs={"top_k": 10, "progress": False}, rounds=1, iterations=1)
     fast = benchmark.stats.stats.min / len(plans)
     naive_sample = sample(plans, min(len(plans), 128))
     masked = fs.Runner(model, strategy="masked", verbose=False)
-    naive = best_of(lambda: masked.run(naive_sample, prompts, answers, progress=False), 1)
+    naive = best_of(lambda: masked.run(naive_sample, prompts, answers, progress=False), 1,
+                    masked.device)
     naive /= len(naive_sample)
     tl_sample = sample(plans, 32)
-    tl_batch = best_of(lambda: tl_masked_batch(model, tl_sample, tokens), 1) / len(tl_sample)
+    tl_batch = best_of(lambda: tl_masked_batch(model, tl_sample, tokens), 1,
+                       tokens.device) / len(tl_sample)
     hooks = hook_loop_per_plan(model, plans, tokens)
     work = work_flops(step_keys(plans).keys, runner.weights, len(prompts), tokens.shape[1], 1)
     info = {

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import time
 
 import fastskip as fs
+from fastskip.reference.timing import timed
 from fastskip.run.memory import parse_memory, status_bytes
 
 MiB = 2**20
@@ -41,9 +41,8 @@ def main() -> None:
     before = status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
-    t0 = time.perf_counter()
-    res = runner.run(plans, prompts, answers, top_k=args.top_k, progress=False)
-    seconds = time.perf_counter() - t0
+    res, seconds = timed(lambda: runner.run(plans, prompts, answers, top_k=args.top_k,
+                                            progress=False), runner.device)
     peak = status_bytes("VmHWM")
     budget = parse_memory(args.budget) or 0
     increase = peak - before

@@ -4,7 +4,7 @@ answer token for every plan and prompt, as tensors and as a DataFrame."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,21 @@ class Results:
     @property
     def n_plans(self) -> int:
         return len(self.plans)
+
+    @property
+    def device(self) -> torch.device:
+        return self.rank.device
+
+    def cpu(self) -> Results:
+        """The same results with every tensor on the host (``self`` when already
+        there): what to hand to numpy, pandas or Python code when the runner runs
+        on a GPU. One copy per tensor, not one per element read."""
+        if self.device.type == "cpu":
+            return self
+        moved = {f.name: getattr(self, f.name).cpu() for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        info = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.info.items()}
+        return replace(self, **moved, info=info)
 
     def to_pandas(self, top_k: int | None = None) -> Any:
         """One row per plan x prompt x answer token: plan, prompt, answer,

@@ -57,7 +57,8 @@ class LazyKernel:
         self.fn = fn
         self._jitted: dict[bool, Any] = {}
 
-    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., Any]:
+    def jitted(self) -> Any:
+        """The ``triton.jit`` function for the current mode (compiled or interpreted)."""
         mode = interpret_mode()
         if mode not in self._jitted:
             import triton
@@ -65,7 +66,10 @@ class LazyKernel:
 
             self.fn.__globals__["tl"] = triton.language
             self._jitted[mode] = triton.jit(self.fn)
-        return self._jitted[mode][grid]
+        return self._jitted[mode]
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., Any]:
+        return self.jitted()[grid]
 
 
 def cdiv(a: int, b: int) -> int:

@@ -1,5 +1,19 @@
 """Shared fixtures: small random models (fast) and the GPT-2-small-shaped random
-model (the benchmark model), all with random biases."""
+model (the benchmark model), all with random biases; and what the machine can run.
+
+Triton decides once per process, when it is first imported (importing TransformerLens
+imports it), whether kernels run compiled for a GPU or in its CPU interpreter. Without
+a GPU the interpreter is the only way they run at all, so it is chosen here, before
+anything imports Triton; with a GPU Triton runs compiled (``TRITON_INTERPRET=1`` set by
+hand still wins). Tests say what they need and skip, with the reason, where the machine
+or the process's mode cannot give it:
+
+* ``@pytest.mark.interpreter``: Triton kernels on CPU tensors (the interpreter);
+* ``@pytest.mark.gpu``: a CUDA device (Triton compiled, for tests that launch kernels).
+
+Tests that only want the kernel path use ``helpers.kernel_runner``: on the GPU where
+there is one, in the interpreter on CPU otherwise.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +22,6 @@ import os
 import pytest
 import torch
 
-# Triton decides at import time whether it interprets kernels, and importing
-# TransformerLens imports Triton: without a GPU, kernels run in the interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -46,3 +58,19 @@ def gpt2_runner(gpt2_random):
 @pytest.fixture(scope="session")
 def prompt_tokens(tiny):
     return tiny.to_tokens(PROMPTS)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip, with the reason, what this machine and process cannot run."""
+    from fastskip.kernels._common import interpret_mode
+
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device (the GPU suite: every path on the "
+                              "GPU against the TransformerLens reference)")
+    compiled = pytest.mark.skip(reason="runs Triton kernels on CPU tensors in Triton's "
+                                "interpreter, and this process runs Triton compiled (a GPU "
+                                "is present); TRITON_INTERPRET=1 pytest -m interpreter runs it")
+    for item in items:
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if item.get_closest_marker("interpreter") and not interpret_mode():
+            item.add_marker(compiled)

@@ -6,6 +6,11 @@ import torch
 
 from fastskip.model.load import random_gpt2_small
 
+CUDA = torch.cuda.is_available()
+# Where tests run the Triton kernels: on the GPU where there is one (Triton compiled), else
+# on CPU tensors in Triton's interpreter (tests/conftest.py turns it on without a GPU).
+KERNEL_DEVICE = "cuda" if CUDA else "cpu"
+
 PROMPTS = ["1 2 3 4", "January February March April", "one two three four",
            "Sunday Monday Tuesday Wednesday", "A B C D", "5 6 7 8"]
 ANSWERS = [" 5", " May", " five", " Thursday", " E", " 9"]
@@ -62,3 +67,12 @@ def rank_band(row, token: int, tol: float) -> tuple[int, int]:
     own = float(row[token])
     others = torch.cat([row[:token], row[token + 1:]])
     return int((others > own + tol).sum()), int((others > own - tol).sum())
+
+
+def kernel_runner(model, **kwargs):
+    """A Runner on the Triton kernel path (``kernels=True``) on ``KERNEL_DEVICE``,
+    not compiled (compile is tested on its own)."""
+    import fastskip as fs
+
+    kwargs.setdefault("verbose", False)
+    return fs.Runner(model, kernels=True, device=KERNEL_DEVICE, compile=False, **kwargs)

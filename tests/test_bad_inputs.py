@@ -19,7 +19,7 @@ from strategies import tokenizer
 
 import fastskip as fs
 from fastskip.reference import check_report
-from helpers import PROMPTS, small_llama, small_model
+from helpers import PROMPTS, kernel_runner, small_llama, small_model
 
 L, H = 3, 4  # the conftest's tiny model: 3 layers x 4 heads, n_ctx 64
 
@@ -476,17 +476,18 @@ def test_nan_weight_in_a_skipped_component_under_the_masked_strategy(kernels):
     """Fixed: the masked strategy multiplies a skipped component's output by 0, and
     NaN x 0 = NaN: plans that skip the broken MLP get rank -1 and an overflow
     warning, while the reference (and the tree strategy) rank them. The fused
-    kernel's per-row scale (kernels=True, here in Triton's interpreter) does the same."""
+    kernel's per-row scale (kernels=True; on CPU in Triton's interpreter) does the same."""
     if kernels:
         pytest.importorskip("triton", reason="the kernel path needs triton")
     model = small_model(seed=11)  # LayerNormPre + gelu_new: the kernels cover it
     with torch.no_grad():
         model.blocks[1].mlp.W_out[3, 5] = float("nan")
-    masked = fs.Runner(model, strategy="masked", kernels=kernels)
+    masked = kernel_runner(model, strategy="masked") if kernels else \
+        fs.Runner(model, strategy="masked")
     res, _ = run_quietly(masked, ["0", "all,-1.mlp"])
     tree, _ = run_quietly(fs.Runner(model), ["0", "all,-1.mlp"])
     assert (tree.rank >= 0).all()
-    assert torch.equal(res.rank, tree.rank)
+    assert torch.equal(res.rank.cpu(), tree.rank)
 
 
 def test_inf_in_a_removed_head_does_not_poison_the_plan(tiny):

@@ -45,6 +45,7 @@ from strategies import (
 import fastskip as fs
 from fastskip.plans import PlanMask
 from fastskip.reference import check_report, reference_logits
+from helpers import kernel_runner
 
 ATOL = 1e-4  # fp32 against the TransformerLens reference (the README's promise)
 SAME = 1e-5  # two fastskip runs of the same numbers: round-off only
@@ -171,7 +172,7 @@ def test_kernel_path_matches_reference(strategy, data):
     plans = data.draw(plan_sets(spec.n_layers, spec.n_heads, max_masks=3, max_texts=1),
                       label="plans")
     ablation = data.draw(ablations(spec.d_vocab, tuple(tokens.shape)), label="ablation")
-    runner = fs.Runner(build(spec), kernels=True, strategy=strategy, verbose=False)
+    runner = kernel_runner(build(spec), strategy=strategy)
     assert runner.ops.kernels
     assert_matches_reference(runner, plans, tokens, ablation,
                              f"kernels/{strategy}: {describe(spec, tokens, ablation, plans)}")
@@ -188,6 +189,7 @@ def test_compiled_path_matches_reference_on_a_random_model(data):
     plans = fs.grid.concat(fs.PlanSet.from_plans(["all", "0.attn/noln"], spec.n_layers,
                                                  spec.n_heads),
                            data.draw(plan_sets(spec.n_layers, spec.n_heads), label="plans"))
+    torch._dynamo.reset()  # compile_seconds > 0 below: no earlier graph may serve this model
     runner = fs.Runner(build(spec), compile=True, verbose=False)
     assert_matches_reference(runner, plans, tokens, None, f"compiled: {spec}")
     assert runner.compile_seconds > 0

@@ -21,6 +21,7 @@ def rank_table(res: Results, labels: Sequence[str]) -> str:
     greedy decoding produces the answer) and the probability of the whole answer."""
     import pandas as pd
 
+    res = res.cpu()
     worst = res.rank.max(dim=-1).values
     prob = res.answer_prob()
     cells = {}
@@ -101,7 +102,7 @@ def demo(runner: Runner, model_name: str = "", check_reference: bool = True) -> 
 
     shown = "0-7,9.mlp" if runner.n_layers == 12 else "all"
     print(f"\nThe notebook's test_prompt report, for plan '{shown}' on '{prompts[0]}':\n")
-    one = runner.run([shown], prompts[:1], answers[:1], top_k=10, progress=False)
+    one = runner.run([shown], prompts[:1], answers[:1], top_k=10, progress=False).cpu()
     print(format_test_prompt(one, 0, 0, model, 10))
 
     tokens = model.to_tokens(prompts)
@@ -125,8 +126,8 @@ def greedy_removal(runner: Runner, prompts: list[str], answers: list[str]) -> No
     while len(kept) > 1:
         trials = [[b for b in kept if b != L] for L in kept]
         res = runner.run([",".join(map(str, t)) for t in trials], prompts, answers,
-                         progress=False)
-        ok = (res.rank.max(dim=-1).values == 0).all(dim=1).cpu().numpy()
+                         progress=False).cpu()
+        ok = (res.rank.max(dim=-1).values == 0).all(dim=1).numpy()
         if not ok.any():
             break
         prob = res.answer_prob().mean(dim=1).cpu().numpy()

@@ -22,6 +22,7 @@ def format_test_prompt(res: Results, plan_index: int = 0, prompt_index: int = 0,
     Ranks count the vocabulary entries with a strictly larger logit, so a tie
     shares a rank (the notebook's sort position may differ by one on ties).
     """
+    res = res.cpu()  # read element by element below: one copy from the device first
     lines = []
     p, n = plan_index, prompt_index
     answer_tokens = res.answer_str_tokens[n]
@@ -63,7 +64,7 @@ def test_prompt(prompt: str, answer: str, runner: Runner | HookedTransformer,
     if not isinstance(runner, Runner):
         runner = Runner(runner)
     res = runner.run([plan], [prompt], [answer], prepend_bos=prepend_bos, top_k=top_k,
-                     prepend_space_to_answer=prepend_space_to_answer)
+                     prepend_space_to_answer=prepend_space_to_answer).cpu()
     print(format_test_prompt(res, 0, 0, runner.model, top_k, print_details))
     return [(tok, int(res.rank[0, 0, j])) for j, tok in enumerate(res.answer_str_tokens[0])]
 

@@ -36,16 +36,23 @@ def activation(x: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {name}")
 
 
+def _normalized(x: torch.Tensor, cfg: BlockConfig) -> torch.Tensor:
+    h = x.float()
+    if cfg.norm in ("LN", "LNPre"):
+        h = h - h.mean(-1, keepdim=True)
+    return (h / (h.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()).to(x.dtype)
+
+
 def normalize(x: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
-              cfg: BlockConfig, apply: bool) -> torch.Tensor:
+              cfg: BlockConfig, apply: bool | torch.Tensor) -> torch.Tensor:
     """The norm before a component. ``apply=False`` is ``/noln``: the
     normalisation is skipped; weights TransformerLens applies after it (unfolded
-    LN/RMS) still apply."""
-    if apply:
-        h = x.float()
-        if cfg.norm in ("LN", "LNPre"):
-            h = h - h.mean(-1, keepdim=True)
-        h = (h / (h.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()).to(x.dtype)
+    LN/RMS) still apply. ``apply`` may be a 0-d bool tensor: the flag as data, so
+    that one compiled graph serves both (the norm is computed and selected away)."""
+    if isinstance(apply, torch.Tensor):
+        h = torch.where(apply, _normalized(x, cfg), x)
+    elif apply:
+        h = _normalized(x, cfg)
     else:
         h = x
     if scale is not None:
@@ -66,9 +73,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: in
     return torch.cat([out, xp], dim=-1) if xp.shape[-1] else out
 
 
-def attention_z(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig, apply_ln: bool,
-                q_pos: torch.Tensor | None = None, rotary: Rotary | None = None
-                ) -> torch.Tensor:
+def attention_z(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig,
+                apply_ln: bool | torch.Tensor, q_pos: torch.Tensor | None = None,
+                rotary: Rotary | None = None) -> torch.Tensor:
     """Per-head attention outputs z from residual states x [n, B, T, d] (the
     norm before attention is applied here). ``q_pos`` [B, Q] restricts the
     queries to those positions (keys and values use every position); returns
@@ -124,8 +131,8 @@ def attention_out(z: torch.Tensor, lw: LayerWeights, head_mask: torch.Tensor | N
     return z.reshape(*z.shape[:3], -1) @ lw.W_O + lw.b_O
 
 
-def mlp_hidden(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig, apply_ln: bool
-               ) -> torch.Tensor:
+def mlp_hidden(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig,
+               apply_ln: bool | torch.Tensor) -> torch.Tensor:
     """The MLP's hidden activations [..., F] from residual states x [..., d] (its
     norm applied here): act(x W_in + b_in), or act(x W_gate) * (x W_in) + b_in
     for gated MLPs (TransformerLens' GatedMLP adds b_in after the product). (The
@@ -141,7 +148,8 @@ def mlp_out(hidden: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
     return hidden @ lw.W_out + lw.b_out
 
 
-def mlp(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig, apply_ln: bool) -> torch.Tensor:
+def mlp(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig, apply_ln: bool | torch.Tensor
+        ) -> torch.Tensor:
     """MLP output [..., d] of residual states x [..., d] (its norm applied here)."""
     return mlp_out(mlp_hidden(x, lw, cfg, apply_ln), lw)
 

@@ -7,7 +7,7 @@ per-call weight copies (TransformerLens re-copies ``W_U.T`` on every forward).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Literal, NamedTuple, TypeVar, cast
 
 import torch
@@ -93,10 +93,15 @@ class StackedWeights:
     lnf_b: torch.Tensor | None
     W_U: torch.Tensor
     b_U: torch.Tensor
+    _views: list[LayerWeights] | None = field(default=None, init=False, repr=False,
+                                              compare=False)
 
     def layer(self, L: int) -> LayerWeights:
-        """Views of layer ``L``'s weights."""
-        return LayerWeights._make(None if t is None else t[L] for t in self.layers)
+        """Views of layer ``L``'s weights (made once: a step reads them without indexing)."""
+        if self._views is None:
+            self._views = [LayerWeights._make(None if t is None else t[i] for t in self.layers)
+                           for i in range(self.n_layers)]
+        return self._views[L]
 
     # the block's numbers, by name
     @property
@@ -174,6 +179,16 @@ def _param(sd: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     raise UnsupportedModelError(f"the model has no parameter '{name}' (unexpected layout)")
 
 
+def _from_slot_one(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [L, ...] copied into slots 1..L of an [L + 1, ...] tensor and viewed from
+    there: every layer's view then starts at a storage offset >= 2, so the compiled
+    steps (``fastskip.model.ops``), to which the offset is a symbolic size, never
+    specialise a graph for layer 0's offset 0. (One layer of memory per tensor.)"""
+    out = t.new_empty((t.shape[0] + 1, *t.shape[1:]))
+    out[1:] = t
+    return out[1:]
+
+
 def stack_weights(model: HookedTransformer, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> StackedWeights:
     """Copy a HookedTransformer's weights into a ``StackedWeights``."""
@@ -225,6 +240,7 @@ def stack_weights(model: HookedTransformer, device: torch.device | str | None = 
         ln1_w=optional("blocks.{}.ln1.w"), ln1_b=optional("blocks.{}.ln1.b"),
         ln2_w=optional("blocks.{}.ln2.w"), ln2_b=optional("blocks.{}.ln2.b"),
     )
+    layers = LayerWeights._make(None if t is None else _from_slot_one(t) for t in layers)
     rotary = None
     if arch == "llama":
         attn0 = model.blocks[0].attn

@@ -40,6 +40,19 @@ def wall_time(fn: Callable[[], object], device: torch.device | str | None = None
     return timed(fn, device)[1]
 
 
+def synced(fn: Callable[..., T], device: torch.device | str | None = None) -> Callable[..., T]:
+    """``fn`` returning only once its device work is done, for timers that call it
+    themselves (pytest-benchmark's ``benchmark.pedantic``); waits for earlier work
+    first, so that none of it is counted."""
+    synchronize(device)
+
+    def call(*args: object, **kwargs: object) -> T:
+        out = fn(*args, **kwargs)
+        synchronize(device)
+        return out
+    return call
+
+
 def best_of(fn: Callable[[], object], repeat: int = 3,
             device: torch.device | str | None = None) -> float:
     """Minimum wall time of ``repeat`` calls (seconds)."""

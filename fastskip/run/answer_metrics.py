@@ -148,7 +148,7 @@ def ranks_agree_up_to_ties(rank_a: torch.Tensor, rank_b: torch.Tensor, logits: t
 
 def warn_nonfinite(nonfinite: torch.Tensor, ps: PlanSet) -> None:
     """Warn, naming a plan, when some rows overflowed (their ranks are -1)."""
-    bad = nonfinite.flatten(1).any(dim=1).nonzero().flatten().tolist()
+    bad = nonfinite.flatten(1).any(dim=1).nonzero().flatten().cpu().tolist()
     if bad:
         warnings.warn(
             f"{len(bad)} of {len(ps)} plans overflow (inf/NaN logits), e.g. plan {bad[0]} "

@@ -6,7 +6,9 @@ ahead by ``tree.assign_slots``: a skipped component costs nothing, a chain is
 updated in place, and every distinct state is computed once. After the last
 step that has attention work, only the positions whose logits are asked for are
 kept (MLPs are per position), so the last MLPs and the unembedding run on those
-positions only.
+positions only. Every index of the walk is planned on the host first and
+uploaded in one copy (``fastskip.run.schedule``): the walk itself only issues
+device work.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from ..model import StackedWeights, blocks
 from ..model.ops import StepOps
 from ..plans import PlanSet
 from .memory import ensure_fits, state_bytes
+from .schedule import AttnBatch, IndexPack, Indices, StepWork, plan_finals, plan_step
 from .sources import Sources
 from .tree import (
-    Step,
     StepKeys,
     Tree,
     arena_sizes,
@@ -37,53 +39,25 @@ from .tree import (
 @dataclass
 class FinalStates:
     """One batch of final states: ``states[row_of[i]]`` is the final residual
-    stream of plan ``plans[i]`` at the asked positions ([B, Q, d] each)."""
+    stream of plan ``plans[i]`` at the asked positions ([B, Q, d] each); the
+    indices are host arrays or tensors on the states' device."""
 
     states: torch.Tensor  # [m, B, Q, d]
-    plans: np.ndarray  # [k] plan indices (into the plan set given to the executor)
-    row_of: np.ndarray  # [k] row of each plan in states
+    plans: np.ndarray | torch.Tensor  # [k] plan indices (into the plan set given to the executor)
+    row_of: np.ndarray | torch.Tensor  # [k] row of each plan in states
 
 
 @dataclass
 class StepIO:
-    """Where one step reads and writes: the previous step's states sit in
-    ``src[src_slots]``, this step's go to ``dst[dst_slots]``. With ``q_pos`` [B, Q],
-    ``dst`` holds the asked positions only (``src`` every position); ``sources``
-    (at dst's positions) is what a skipped component adds (None: zero ablation)."""
+    """Where one step reads and writes: the previous step's states sit in ``src``,
+    this step's go to ``dst`` (the same arena, or with ``q_pos`` [B, Q] the asked
+    positions' arena while ``src`` holds every position); ``sources`` (at dst's
+    positions) is what a skipped component adds (None: zero ablation)."""
 
     src: torch.Tensor
-    src_slots: np.ndarray
     dst: torch.Tensor
-    dst_slots: np.ndarray
     q_pos: torch.Tensor | None
     sources: Sources | None
-
-
-def runs_of_equal(values: np.ndarray) -> list[tuple[int, int]]:
-    """Start/stop of runs of equal values in a sorted array."""
-    if len(values) == 0:
-        return []
-    cut = np.nonzero(np.diff(values.astype(np.int64)))[0] + 1
-    edges = np.concatenate([[0], cut, [len(values)]])
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-
-
-def norm_then_parent(apply_norm: np.ndarray, parent: np.ndarray, n_parents: int) -> np.ndarray:
-    """Sort key of a step's computed states: by norm flag (one batch applies one
-    norm), then by parent (children of one parent sit together, so that the
-    parent's attention z is computed once for all its head subsets)."""
-    return apply_norm.astype(np.int64) * (n_parents + 1) + parent
-
-
-def batches(order: np.ndarray, group: np.ndarray, max_rows: int) -> list[np.ndarray]:
-    """Indices sorted by ``order``, split where ``group`` changes and cut into
-    pieces of at most ``max_rows``."""
-    idx = np.argsort(order, kind="stable")
-    out = []
-    for a, b in runs_of_equal(group[idx]):
-        for c in range(a, b, max_rows):
-            out.append(idx[c:min(b, c + max_rows)])
-    return out
 
 
 class TreeExecutor:
@@ -125,113 +99,104 @@ class TreeExecutor:
         B, T = tokens.shape
         sb = state_bytes(self.w, B, T, q_pos.shape[1])
         for idx, tree in self.chunks(keys, sb.full, sb.asked, arena_bytes, sources is None):
-            for fs in self._run_tree(keys, tree, tokens, q_pos, unembed_rows, sources):
-                yield FinalStates(fs.states, idx[fs.plans], fs.row_of)
+            yield from self._run_tree(keys, tree, idx, tokens, q_pos, unembed_rows, sources)
 
-    def _run_tree(self, keys: StepKeys, tree: Tree, tokens: torch.Tensor, q_pos: torch.Tensor,
-                  unembed_rows: int, sources: Sources | None) -> Iterator[FinalStates]:
+    def _run_tree(self, keys: StepKeys, tree: Tree, plan_index: np.ndarray,
+                  tokens: torch.Tensor, q_pos: torch.Tensor, unembed_rows: int,
+                  sources: Sources | None) -> Iterator[FinalStates]:
         w = self.w
         free = sources is None
         sizes = arena_sizes(tree, free)
         last = sizes.last_attention
+        n_steps = len(tree.steps)
         B, T = tokens.shape
         Q = q_pos.shape[1]
+        # 1. the whole walk on the host: slots, batches, every index, one upload
+        pack = IndexPack()
+
+        def plan(first: int, stop: int, prev: np.ndarray) -> tuple[list[StepWork], np.ndarray]:
+            works = []
+            for s, slots in enumerate(assign_slots(tree, first, stop, prev, free).slots,
+                                      start=first):
+                works.append(plan_step(pack, tree.steps[s], keys, prev, slots, not free,
+                                       self.max_rows))
+                prev = slots
+            return works, prev
+
+        start = np.zeros(1, np.int64)  # the embedding, in slot 0
+        before: list[StepWork] = []
+        at_last: StepWork | None = None
+        if last >= 0:
+            before, prev = plan(0, last, start)
+            # the last attention step reads every position and writes the asked ones only
+            asked_slots = np.arange(len(tree.steps[last].parent))
+            at_last = plan_step(pack, tree.steps[last], keys, prev, asked_slots, True,
+                                self.max_rows)
+            after, final_slots = plan(last + 1, n_steps, asked_slots)
+        else:  # no attention in any plan: every component is per position
+            after, final_slots = plan(0, n_steps, start)
+        finals = plan_finals(pack, tree, final_slots, plan_index, unembed_rows)
+        idx = pack.upload(w.device)
+        # 2. the device work
         sources_q = sources.at(q_pos) if sources is not None else None
         asked = w.W_E.new_empty((sizes.asked, B, Q, w.d_model))
-        start = np.zeros(1, np.int64)  # the embedding, in slot 0
-        if last >= 0:
+        if at_last is not None:
             full = w.W_E.new_empty((sizes.full, B, T, w.d_model))
             full[0] = blocks.embed(tokens, w)
-            prev = start
-            for s, slots in enumerate(assign_slots(tree, 0, last, start, free).slots):
-                self._step(tree.steps[s], keys, StepIO(full, prev, full, slots, None, sources))
-                prev = slots
-            # the last attention step reads every position and writes the asked ones only
-            at_last = np.arange(len(tree.steps[last].parent))
-            self._step(tree.steps[last], keys, StepIO(full, prev, asked, at_last, q_pos,
-                                                      sources_q))
+            for work in before:
+                self._step(work, idx, StepIO(full, full, None, sources))
+            self._step(at_last, idx, StepIO(full, asked, q_pos, sources_q))
             del full
-            prev, first = at_last, last + 1
-        else:  # no attention in any plan: every component is per position
+        else:
             asked[0] = blocks.embed(tokens, w, q_pos)
-            prev, first = start, 0
-        for s, slots in enumerate(assign_slots(tree, first, len(tree.steps), prev, free).slots,
-                                  start=first):
-            self._step(tree.steps[s], keys, StepIO(asked, prev, asked, slots, None, sources_q))
-            prev = slots
-        # hand out the final states, one batch of distinct states at a time
-        final_slot = prev[tree.final_state]
-        uniq, row_of = np.unique(final_slot, return_inverse=True)
-        row_of = row_of.reshape(-1)
-        by_row = np.argsort(row_of, kind="stable")
-        for a in range(0, len(uniq), unembed_rows):
-            b = min(a + unembed_rows, len(uniq))
-            lo, hi = np.searchsorted(row_of[by_row], [a, b])
-            owners = by_row[lo:hi]
-            states = asked.index_select(0, torch.as_tensor(uniq[a:b], device=asked.device))
-            yield FinalStates(states, owners, row_of[owners] - a)
+        for work in after:
+            self._step(work, idx, StepIO(asked, asked, None, sources_q))
+        for fb in finals:  # the final states, one batch of distinct states at a time
+            yield FinalStates(idx.take(asked, fb.slots), idx.get(fb.plans), idx.get(fb.rows))
 
-    def _step(self, step: Step, keys: StepKeys, io: StepIO) -> None:
-        """Make the states of ``step`` from those of the step before it."""
-        dev = io.src.device
-        parent_slot = io.src_slots[step.parent]
-        skipped = step.skipped
-        # a skipped state shares its parent's slot, unless it must move to the asked
-        # positions or take its ablation source
-        if len(skipped) and (io.q_pos is not None or io.sources is not None):
+    def _step(self, work: StepWork, idx: Indices, io: StepIO) -> None:
+        """Make the states of one step from those of the step before it."""
+        step = work.step
+        if work.moves:  # skipped states that move to the asked positions or take a source
             add = None if io.sources is None else io.sources.output(step.kind, step.layer)
-            for a in range(0, len(skipped), self.max_rows):
-                c = skipped[a:a + self.max_rows]
-                x = io.src.index_select(0, torch.as_tensor(parent_slot[c], device=dev))
+            for m in work.moves:
+                x = idx.take(io.src, m.src)
                 if io.q_pos is not None:
                     x = blocks.at_positions(x, io.q_pos)
-                io.dst[torch.as_tensor(io.dst_slots[c], device=dev)] = x if add is None \
-                    else x + add
-        comp = step.computed
-        if len(comp) == 0:
-            return
-        apply_norm = keys.applies_norm(step.layer, step.kind, step.key[comp])
-        order = norm_then_parent(apply_norm, step.parent[comp], len(io.src_slots))
-        for batch in batches(order, apply_norm, self.max_rows):
-            children = comp[batch]
-            norm = bool(apply_norm[batch[0]])
-            if step.kind == "attn":
-                heads = keys.attn_heads[step.layer][step.key[children]]
-                new = self._attention(io, parent_slot[children], heads, step.layer, norm)
+                idx.put(io.dst, m.dst, x if add is None else x + add)
+        for b in work.batches:
+            if isinstance(b, AttnBatch):
+                new = self._attention(idx, io, b, step.layer)
             else:
-                x = io.src.index_select(0, torch.as_tensor(parent_slot[children], device=dev))
-                new = self.ops.mlp_update(x, step.layer, norm)
-            io.dst[torch.as_tensor(io.dst_slots[children], device=dev)] = new
+                new = self.ops.mlp_update(idx.take(io.src, b.src), step.layer, b.norm)
+            idx.put(io.dst, b.dst, new)
 
-    def _attention(self, io: StepIO, parent_slots: np.ndarray, heads: np.ndarray, layer: int,
-                   apply_norm: bool) -> torch.Tensor:
-        """Residual + attention output for children with the given parent slots and
-        head masks [n, H]; z is computed once per distinct parent. Removed heads
-        take the source's z (zero ablation: nothing)."""
-        dev = io.src.device
-        uniq, group = np.unique(parent_slots, return_inverse=True)
-        group = group.reshape(-1)
-        x = io.src.index_select(0, torch.as_tensor(uniq, device=dev))
+    def _attention(self, idx: Indices, io: StepIO, b: AttnBatch, layer: int) -> torch.Tensor:
+        """Residual + attention output for the children of one batch; z is computed
+        once per distinct parent. Removed heads take the source's z (zero ablation:
+        nothing)."""
+        x = idx.take(io.src, b.parents)
         resid = x if io.q_pos is None else blocks.at_positions(x, io.q_pos)
-        new = resid.index_select(0, torch.as_tensor(group, device=dev))
-        has_heads = heads.any(axis=1)
-        if not has_heads.all():  # every head removed: the output bias (+ the source's heads)
-            none = torch.as_tensor(np.nonzero(~has_heads)[0], device=dev)
-            new[none] += (self.w.layers.b_O[layer] if io.sources is None
-                          else io.sources.attn[layer])
-        if has_heads.any():
-            need = np.unique(group[has_heads])
-            z = self.ops.attention_z(x.index_select(0, torch.as_tensor(need, device=dev)),
-                                     layer, apply_norm, io.q_pos)
-            where = np.full(len(uniq), -1)
-            where[need] = np.arange(len(need))
-            sel = np.nonzero(has_heads)[0]
-            z = z.index_select(0, torch.as_tensor(where[group[sel]], device=dev))
-            mask = None if heads[sel].all() else torch.as_tensor(heads[sel], device=dev)
-            if mask is not None and io.sources is not None:
-                z = torch.where(mask[:, None, None, :, None], z, io.sources.z[layer])
-                mask = None
-            sel_t = torch.as_tensor(sel, device=dev)
-            new[sel_t] = self.ops.attention_update(new[sel_t], z, layer, mask)
+        if b.no_heads is None:  # every child keeps a head (block plans: the common case)
+            assert b.need is not None and b.z_rows is not None
+            return self._heads(idx, io, b, layer, x, idx.take(resid, b.group))
+        new = resid.index_select(0, idx.get(b.group))  # a copy: rows change in place
+        rows = idx.get(b.no_heads)  # every head removed: the output bias (+ the source's)
+        bias = self.w.layer(layer).b_O if io.sources is None else io.sources.attn[layer]
+        new.index_add_(0, rows, bias.expand(len(rows), *new.shape[1:]))
+        if b.with_heads is not None:
+            idx.put(new, b.with_heads, self._heads(idx, io, b, layer, x,
+                                                   idx.take(new, b.with_heads)))
         return new
 
+    def _heads(self, idx: Indices, io: StepIO, b: AttnBatch, layer: int, x: torch.Tensor,
+               resid: torch.Tensor) -> torch.Tensor:
+        """resid + the attention output of the children that keep some head."""
+        assert b.need is not None and b.z_rows is not None
+        z = self.ops.attention_z(idx.take(x, b.need), layer, b.norm, io.q_pos)
+        z = idx.take(z, b.z_rows)
+        mask = None if b.head_mask is None else idx.get(b.head_mask)
+        if mask is not None and io.sources is not None:
+            z = torch.where(mask[:, None, None, :, None], z, io.sources.z[layer])
+            mask = None
+        return self.ops.attention_update(resid, z, layer, mask)

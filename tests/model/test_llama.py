@@ -11,7 +11,7 @@ import torch
 
 import fastskip as fs
 from fastskip.reference import check_report, reference_logits
-from helpers import PROMPTS, small_llama
+from helpers import PROMPTS, kernel_runner, small_llama
 
 ATOL = 1e-4
 KINDS = [("block",), ("attn",), ("mlp",), ("heads",), ("noln",),
@@ -47,7 +47,7 @@ def test_small_llama_kernel_path_and_ablation():
     model = small_llama(seed=1)
     tokens = model.to_tokens(PROMPTS[:3])
     plans = fs.grid.random_plans(5, 3, 4, seed=3)
-    assert fs.check(fs.Runner(model, kernels=True), plans, tokens) <= ATOL  # RMSNorm + SwiGLU
+    assert fs.check(kernel_runner(model), plans, tokens) <= ATOL  # RMSNorm + SwiGLU
     src = torch.randint(0, 50000, (5, tokens.shape[1]), generator=torch.Generator().manual_seed(0))
     assert fs.check(fs.Runner(model), plans, tokens, ablation=fs.Ablation.mean(tokens=src)) <= ATOL
 
