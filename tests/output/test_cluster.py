@@ -68,12 +68,37 @@ def reference(tiny_runner, tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+class Bar:
+    """Records what a sweep's progress bar is told."""
+
+    made: list[Bar] = []
+
+    def __init__(self, total):
+        self.total, self.updates, self.closed = total, [], False
+        Bar.made.append(self)
+
+    def update(self, n):
+        self.updates.append(n)
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    import fastskip.output.sweep as sweep_module
+
+    Bar.made = []
+    monkeypatch.setattr(sweep_module, "progress_bar", lambda total, show, desc: Bar(total))
+    return Bar.made
+
+
 def part_files(out: Path) -> list[Path]:
     return sorted(out.with_name(out.name + ".parts").glob("part-*.parquet"))
 
 
 def test_workers_give_the_one_process_table_bit_for_bit(ray_cluster, tiny_runner, reference,
-                                                        tmp_path):
+                                                        tmp_path, bars):
     out = tmp_path / "workers.parquet"
     messages: list[str] = []
     got = sweep(tiny_runner, PLANS, PROMPTS, ANSWERS, out=out, chunk_size=CHUNK, workers=2,
@@ -85,6 +110,9 @@ def test_workers_give_the_one_process_table_bit_for_bit(ray_cluster, tiny_runner
     assert got["plan"].iloc[::rows].tolist() == PLANS.texts() == saved.plans  # input order
     assert any(f"{N_SHARDS} shards on 2 workers" in m for m in messages), messages
     assert not out.with_name("workers.parquet.parts").exists()
+    (bar,) = bars  # one bar over all workers, advanced by every shard
+    assert bar.total == len(PLANS) and bar.closed
+    assert bar.updates == [0] + [CHUNK] * N_SHARDS
 
 
 def test_a_worker_killed_mid_sweep_loses_nothing(ray_cluster, tiny_runner, reference,
@@ -169,7 +197,7 @@ def test_a_sweep_killed_on_workers_resumes_in_one_process(ray_cluster, tiny_runn
 
 
 def test_a_one_process_sweep_resumes_on_workers_and_other_arguments_are_refused(
-        ray_cluster, tiny_runner, reference, one_thread, tmp_path):
+        ray_cluster, tiny_runner, reference, one_thread, tmp_path, bars):
     out = tmp_path / "half.parquet"
     with pytest.raises(Interrupted):
         sweep(StopAfter(tiny_runner, 12), PLANS, PROMPTS, ANSWERS, out=out, chunk_size=CHUNK,
@@ -187,6 +215,8 @@ def test_a_one_process_sweep_resumes_on_workers_and_other_arguments_are_refused(
     assert any(f"12 of {N_SHARDS} chunks on disk" in m for m in messages), messages
     assert any(f"{N_SHARDS - 12} shards on 2 workers" in m for m in messages), messages
     pd.testing.assert_frame_equal(got, reference, check_exact=True)
+    bar = bars[-1]  # starts at the shards on disk
+    assert bar.updates == [12 * CHUNK] + [CHUNK] * (N_SHARDS - 12)
 
 
 def test_an_error_inside_a_worker_arrives_as_itself(ray_cluster, tiny_runner, tmp_path):
