@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 
 import numpy as np
@@ -104,11 +105,14 @@ def test_sweep(benchmark, cluster, gpt2, tmp_path, mode):
     runner = fs.Runner(gpt2, verbose=False)
     runner.run(PLANS[:4], PROMPTS, ANSWERS)  # warm-up of this process
     ready: list[float] = []
+    worker_stats: list[tuple[int, float, float]] = []  # per worker: shards, seconds, CPU s
     t0 = 0.0
 
     def log(msg: str) -> None:
         if msg.startswith("workers ready"):
             ready.append(time.perf_counter() - t0)
+        worker_stats.extend((int(k), float(sec), float(cpu)) for k, sec, cpu in re.findall(
+            r"worker \d+: (\d+) shards in ([\d.]+) s \(([\d.]+) s of CPU\)", msg))
 
     def run() -> pd.DataFrame:
         if not lexicographic:
@@ -120,18 +124,25 @@ def test_sweep(benchmark, cluster, gpt2, tmp_path, mode):
     with Quietness() as before:  # others' load just before: we are idle here
         time.sleep(3)
     with Quietness() as q:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         TABLES[mode] = benchmark.pedantic(run, rounds=1, iterations=1)
-        total = time.perf_counter() - t0
+        total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     startup = ready[0] if ready else 0.0
-    RESULTS[mode] = {"seconds": total, "startup_seconds": startup,
+    if workers:  # the share of a core each worker got while computing (1.0 = a quiet core)
+        assert len(worker_stats) == workers, worker_stats
+        share = sum(c for _, _, c in worker_stats) / sum(sec for _, sec, _ in worker_stats)
+    else:
+        share = cpu / total / threads
+    RESULTS[mode] = {"seconds": total, "startup_seconds": startup, "core_share": share,
+                     "worker_stats": worker_stats,
                      "ms_per_plan": total / len(PLANS) * 1e3, "busy_cores": q.busy_cores,
                      "others_busy_cores_before": before.busy_cores,
                      "steal": q.steal, "load_average": q.load, "machine": machine()}
     benchmark.extra_info.update(RESULTS[mode])
     print(f"\n{mode}: {total:.1f} s ({total / len(PLANS) * 1e3:.2f} ms/plan"
-          + (f"; workers ready after {startup:.1f} s" if workers else "") + f") | {q.describe()}"
-          f" | just before, others kept {before.busy_cores:.2f} cores busy")
+          + (f"; workers ready after {startup:.1f} s" if workers else "") + f") | our threads "
+          f"got {share:.0%} of a core each | {q.describe()} | just before, others kept "
+          f"{before.busy_cores:.2f} cores busy")
 
 
 def test_speedup(benchmark, cluster):
@@ -156,6 +167,16 @@ def test_speedup(benchmark, cluster):
         "lexicographic_vs_plan_order_chunks": (s["process_2_threads_plan_order_chunks"]
                                                / s["process_2_threads"]),
     }
-    benchmark.extra_info.update({"ratios": ratios, "runs": RESULTS})
+    # CPU seconds per shard in the workers: equal for 1 and 2 workers means the two do
+    # not slow each other down (memory bandwidth, caches) apart from sharing the cores
+    cpu_per_shard = {m: sum(c for _, _, c in RESULTS[m]["worker_stats"])
+                     / sum(k for k, _, _ in RESULTS[m]["worker_stats"])
+                     for m in ("workers_1", "workers_2")}
+    benchmark.extra_info.update({"ratios": ratios, "runs": RESULTS,
+                                 "worker_cpu_seconds_per_shard": cpu_per_shard})
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     print("\n" + "\n".join(f"{k}: {v:.2f}x" for k, v in ratios.items()))
+    print("core share of our threads: " + ", ".join(
+        f"{m} {r['core_share']:.0%}" for m, r in RESULTS.items()))
+    print("worker CPU seconds per shard: " + ", ".join(
+        f"{m} {v:.2f}" for m, v in cpu_per_shard.items()))

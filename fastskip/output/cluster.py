@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,13 +94,24 @@ class ShardWorker:
         if not spec.gpu:  # one worker per core (group): threads never compete
             torch.set_num_threads(spec.threads)
         self.runner = Runner(model, **spec.options)
+        self.shards, self.seconds, self.cpu_seconds = 0, 0.0, 0.0
 
     def describe(self) -> tuple[int, str, str]:
         """(pid, host, device) of this worker's process."""
         return os.getpid(), socket.gethostname(), str(self.runner.device)
 
     def run(self, plans: PlanSet, job: ShardJob) -> Any:
-        return job.run(self.runner, plans)
+        wall, cpu = time.perf_counter(), time.process_time()
+        table = job.run(self.runner, plans)
+        self.seconds += time.perf_counter() - wall
+        self.cpu_seconds += time.process_time() - cpu
+        self.shards += 1
+        return table
+
+    def stats(self) -> tuple[int, float, float]:
+        """Shards done, seconds spent on them, CPU seconds of this process in them
+        (below the seconds times the threads: the machine's cores were shared)."""
+        return self.shards, self.seconds, self.cpu_seconds
 
 
 def _lost_worker_errors(ray: Any) -> tuple[type[BaseException], ...]:
@@ -156,6 +168,17 @@ class _Pool:
             self.ray.kill(handle)
 
 
+def _log_stats(ray: Any, workers: list[tuple[int, Any]], lost_errors: tuple[type, ...],
+               log: Callable[[str], None]) -> None:
+    """One line per live worker: its shards and the time it spent on them."""
+    try:
+        stats = ray.get([h.stats.remote() for _, h in workers], timeout=30)
+    except (*lost_errors, ray.exceptions.GetTimeoutError):
+        return
+    log("; ".join(f"worker {n}: {k} shards in {sec:.1f} s ({cpu:.1f} s of CPU)"
+                  for (n, _), (k, sec, cpu) in zip(workers, stats, strict=True)))
+
+
 def run_shards(model: Any, spec: WorkerSpec, shards: dict[int, PlanSet], job: ShardJob,
                workers: int, address: str | None,
                on_done: Callable[[int, Any], None], log: Callable[[str], None]) -> None:
@@ -186,7 +209,7 @@ def run_shards(model: Any, spec: WorkerSpec, shards: dict[int, PlanSet], job: Sh
             described = ray.get([h.describe.remote() for _, h in pool.idle])
         except lost_errors as e:
             raise FastskipError(f"a worker could not start: {e}") from None
-        log(f"{len(pool.idle)} workers: " + ", ".join(
+        log("workers ready: " + ", ".join(
             f"worker {n} pid {pid} on {host} ({dev})"
             for (n, _), (pid, host, dev) in zip(pool.idle, described, strict=True)))
         job_ref = ray.put(job)
@@ -224,8 +247,9 @@ def run_shards(model: Any, spec: WorkerSpec, shards: dict[int, PlanSet], job: Sh
                 raise
             on_done(s, table)
             pool.idle.append((n, handle))
-        log(f"{len(shards)} shards on {pool.started} workers"
+        log(f"{len(shards)} shards on {pool.started} worker{'s' * (pool.started > 1)}"
             + (f" ({reruns} rerun after a worker died)" if reruns else ""))
+        _log_stats(ray, pool.idle, lost_errors, log)
     finally:
         if pool is not None:
             for _, handle, _ in running.values():
