@@ -74,3 +74,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_gpu)
         if item.get_closest_marker("interpreter") and not interpret_mode():
             item.add_marker(compiled)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs shared by the cluster tests; yields its address
+    (for a second driver). Ray is the ``cluster`` extra that scripts/setup.sh installs."""
+    import logging
+
+    ray = pytest.importorskip("ray", reason="the Ray tests need the cluster extra: "
+                                            "pip install 'fastskip[cluster]'")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.ERROR)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread in this process, as each CPU worker has: the condition under
+    which a one-process table equals the workers' bit for bit (the fp32 reductions of
+    the CPU kernels split their work by thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -181,12 +181,37 @@ def cmd_run(args: Args) -> int:
     return 0
 
 
+def sweep_workers(args: Args) -> dict[str, Any]:
+    """``fs.sweep.sweep``'s worker arguments from ``--workers``, ``--ray-address`` and
+    ``--worker-threads``. With ``--device cuda`` on a machine without CUDA (the head
+    of a GPU cluster) the plans are prepared on CPU and only the workers use GPUs."""
+    import torch
+
+    if args.workers is None:
+        if args.ray_address:
+            raise InputError("--ray-address needs --workers N (how many workers to run there)")
+        return {}
+    if args.workers < 1 or args.worker_threads < 1:
+        raise InputError(f"--workers and --worker-threads must be >= 1, got {args.workers} "
+                         f"and {args.worker_threads}")
+    from ..output.cluster import import_ray
+
+    import_ray()  # says how to install Ray before the model is loaded
+    out: dict[str, Any] = {"workers": args.workers, "address": args.ray_address,
+                           "worker_threads": args.worker_threads}
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        out["worker_device"] = "cuda"
+    return out
+
+
 def cmd_sweep(args: Args) -> int:
     """``fastskip sweep``: a grid on many prompts, saved (resumable), best plans printed."""
     from ..output.sweep import sweep
 
     task = load_task(args)
-    runner = load_runner(args)
+    cluster = sweep_workers(args)
+    runner = load_runner(args if cluster.get("worker_device") is None
+                         else argparse.Namespace(**{**vars(args), "device": "cpu"}))
     plans = grid_plans(args.grid, runner.n_layers, runner.n_heads)
     kwargs: dict[str, Any] = {"top_k": args.top_k}
     if getattr(task, "wrong_answers", None):
@@ -196,7 +221,8 @@ def cmd_sweep(args: Args) -> int:
     try:
         df = sweep(runner, plans, list(task.prompts), list(task.answers), out=out,
                    chunk_size=args.chunk_size, resume=args.resume, progress=progress(args),
-                   log=lambda msg: say(args, msg), meta={"grid": args.grid}, **kwargs)
+                   log=lambda msg: say(args, msg), meta={"grid": args.grid}, **cluster,
+                   **kwargs)
     except KeyboardInterrupt:
         print(f"fastskip: interrupted; the completed chunks are in {out}.parts: run the same "
               "command again to continue", file=sys.stderr)

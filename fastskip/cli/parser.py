@@ -109,9 +109,13 @@ def build_parser() -> Parser:
              "model, then each attention layer and each MLP left out), heads (each head left "
              "out), leave-one-out (each block left out). The table has one row per plan x "
              "prompt x answer token (see fs.io.load_results). Completed chunks are saved as "
-             "they finish, so a killed sweep continues where it stopped when run again.",
+             "they finish, so a killed sweep continues where it stopped when run again. "
+             "--workers N spreads the chunks over N Ray workers (a local cluster, or the one "
+             "at --ray-address); a run with workers and one without resume each other.",
              "  fastskip sweep --grid heads --task months --out heads.parquet --plot heads.png\n"
-             "  fastskip sweep --grid blocks --prompts prompts.tsv --out blocks.csv", [model])
+             "  fastskip sweep --grid blocks --prompts prompts.tsv --out blocks.csv\n"
+             "  fastskip sweep --grid blocks --task months --out blocks.parquet --workers 8 "
+             "--device cuda", [model])
     p.add_argument("--grid", required=True, choices=GRIDS, help="which plans")
     _prompt_options(p)
     p.add_argument("--out", "-o", required=True, metavar="FILE",
@@ -123,6 +127,15 @@ def build_parser() -> Parser:
                    help="continue an interrupted sweep of the same arguments (default: yes)")
     p.add_argument("--chunk-size", type=int, default=256, help="plans per saved chunk")
     p.add_argument("--top-k", type=int, default=10, help="top tokens kept per row (default 10)")
+    g = p.add_argument_group("workers (Ray: pip install 'fastskip[cluster]')")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="compute the chunks on N Ray workers, one GPU each with --device cuda "
+                        "(default: in this process)")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="join the Ray cluster at ADDR (e.g. auto, or ray://head:10001) "
+                        "instead of starting a local one")
+    g.add_argument("--worker-threads", type=int, default=1, metavar="T",
+                   help="torch threads of each CPU worker (default 1)")
     p.add_argument("--sort-by", default="prob", choices=SUMMARY_METRICS,
                    help="how to rank the printed best plans (default prob: mean answer "
                         "probability; logit_diff needs a task with wrong answers)")

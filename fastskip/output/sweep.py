@@ -1,15 +1,21 @@
-"""Resumable sweeps: a large plan set in chunks, each saved as it completes.
+"""Resumable sweeps: a large plan set in chunks, each saved as it completes,
+in this process or on Ray workers.
 
     df = fs.sweep.sweep(runner, fs.grid.block_subsets(12), prompts, answers,
                         out="blocks.parquet", chunk_size=256)
+    df = fs.sweep.sweep(..., workers=4)              # 4 Ray workers (GPUs where there are)
 
-Each finished chunk is written atomically to ``<out>.parts/part-00012.parquet``
-next to a ``manifest.json`` holding a hash of everything that determines the
-result (model weights, plan texts, prompts, answers, run options). Killed and
-restarted with the same arguments, a sweep computes only the missing chunks and
-returns the same table as an uninterrupted run. A parts folder made with other
-arguments raises ``FastskipError``; a corrupt or truncated part is recomputed.
-At the end ``out`` is written atomically (with the plan set, model and prompts
+The chunks are shards along prefix subtrees (``fastskip.output.shards``:
+ranges of ``chunk_size`` plans in lexicographic order of their step keys), so a
+chunk keeps the prefix sharing of its plans. Each finished chunk is written
+atomically to ``<out>.parts/part-00012.parquet`` next to a ``manifest.json``
+holding a hash of everything that determines the result (model weights, plan
+texts, prompts, answers, run options). Killed and restarted with the same
+arguments, a sweep computes only the missing chunks and returns the same table
+as an uninterrupted run, whether each run used workers or not (the chunks are
+the same). A parts folder made with other arguments raises ``FastskipError``; a
+corrupt or truncated part is recomputed. At the end ``out`` is written
+atomically (rows in the plan set's order, with the plan set, model and prompts
 in its metadata: ``fs.io.load_results``) and the parts folder is removed.
 """
 
@@ -34,6 +40,7 @@ from ..plans import PlanSet
 from ..run import Runner
 from ..run.progress import progress_bar
 from . import tables
+from .shards import LAYOUT, ShardJob, lexicographic_shards, table_order
 
 MANIFEST = "manifest.json"
 _weight_hashes: weakref.WeakKeyDictionary[Runner, str] = weakref.WeakKeyDictionary()
@@ -62,12 +69,15 @@ def _digest(values: Sequence[str]) -> str:
 
 
 def sweep_key(runner: Runner, plan_texts: Sequence[str], prompts: Sequence[str],
-              answers: Sequence[str], run_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Everything that determines a sweep's table, hashed where large."""
+              answers: Sequence[str], run_kwargs: dict[str, Any], device: str | None = None
+              ) -> dict[str, Any]:
+    """Everything that determines a sweep's table, hashed where large (``device``:
+    the kind the chunks run on, default the runner's)."""
     return {
         "model_name": runner.model_name,
         "weights": weights_hash(runner),
-        "device": runner.device.type,
+        "device": device or runner.device.type,
+        "shards": LAYOUT,
         "strategy": getattr(runner, "strategy", ""),
         "n_plans": len(plan_texts),
         "plans": _digest(plan_texts),
@@ -79,7 +89,8 @@ def sweep_key(runner: Runner, plan_texts: Sequence[str], prompts: Sequence[str],
 
 def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     names = {"weights": "model weights", "model_name": "model", "plans": "plan set",
-             "n_plans": "number of plans", "run_kwargs": "run options"}
+             "n_plans": "number of plans", "run_kwargs": "run options",
+             "shards": "chunk layout (made by an older fastskip)"}
     diff = [names.get(k, k) for k in new if old.get(k) != new[k]]
     return ", ".join(dict.fromkeys(diff)) or "format"
 
@@ -136,10 +147,12 @@ def sweep(runner: Runner, plans: PlanSet | Sequence[Any], prompts: str | Sequenc
           answers: str | Sequence[str],
           out: str | os.PathLike, chunk_size: int = 256, resume: bool = True,
           progress: bool | None = None, log: Callable[[str], None] | None = None,
-          meta: dict[str, Any] | None = None, **run_kwargs: Any) -> Any:
+          meta: dict[str, Any] | None = None, workers: int | None = None,
+          address: str | None = None, worker_device: str | None = None,
+          worker_threads: int = 1, **run_kwargs: Any) -> Any:
     """Run ``plans`` in chunks of ``chunk_size`` with ``runner.run`` and return the
-    table (``Results.to_pandas()`` of every chunk, concatenated), saved to ``out``
-    (Parquet, or CSV for ``*.csv``).
+    table (``Results.to_pandas()`` of every chunk, rows in the order of ``plans``),
+    saved to ``out`` (Parquet, or CSV for ``*.csv``).
 
     Completed chunks are kept in ``<out>.parts/`` so that a killed sweep restarted
     with the same arguments (``resume=True``) continues where it stopped;
@@ -147,18 +160,34 @@ def sweep(runner: Runner, plans: PlanSet | Sequence[Any], prompts: str | Sequenc
     returned without running. ``run_kwargs`` go to ``runner.run`` (``top_k``,
     ``wrong_answers``, ``kl``, ``prepend_bos``, ...). ``progress``: one bar over the
     whole sweep (default: on a terminal, for >= 256 plans). ``log``: receives
-    one-line status messages (resuming, recomputed parts). ``meta``: extra JSON
-    metadata for the final file (e.g. the grid's name).
+    one-line status messages (resuming, recomputed parts, workers). ``meta``: extra
+    JSON metadata for the final file (e.g. the grid's name).
+
+    ``workers=N`` computes the chunks on N Ray workers (``fastskip.output.cluster``;
+    needs ``pip install 'fastskip[cluster]'``): of the cluster at ``address``, of
+    the one this process has joined (``ray.init``), or of a local one started for
+    the sweep. Each worker is a copy of ``runner`` on ``worker_device`` ("cpu" or
+    "cuda", one GPU per worker; default: the runner's device type) with
+    ``worker_threads`` torch threads on CPU. The chunks and the table are the same
+    as without workers (bit for bit where workers and this process use the same
+    device and number of torch threads), so either kind of run resumes the other.
     """
     log = log or (lambda msg: None)
     if chunk_size < 1:
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
+    spec = None
+    if workers is not None:
+        from .cluster import WorkerSpec, check_workers
+
+        check_workers(workers)  # before any work: say how to install Ray
+        spec = WorkerSpec.like(runner, worker_device, worker_threads)
     ps = runner.plan_set(plans)
     texts = ps.texts()
     prompts_l = [prompts] if isinstance(prompts, str) else list(prompts)
     answers_l = [answers] if isinstance(answers, str) else list(answers)
     run_kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in run_kwargs.items()}
-    key = sweep_key(runner, texts, prompts_l, answers_l, run_kwargs)
+    key = sweep_key(runner, texts, prompts_l, answers_l, run_kwargs,
+                    spec.options["device"] if spec else None)
     out = Path(out)
     csv = out.suffix.lower() == ".csv"
     if resume and not csv and out.exists():
@@ -169,31 +198,49 @@ def sweep(runner: Runner, plans: PlanSet | Sequence[Any], prompts: str | Sequenc
                 return df
     parts = out.with_name(out.name + ".parts")
     chunk_size = _open_parts(parts, key, chunk_size, resume, log)
-    n_chunks = math.ceil(len(ps) / chunk_size)
-    frames = []
+    shards = lexicographic_shards(ps, chunk_size)
+    frames: dict[int, Any] = {}
+    todo: dict[int, PlanSet] = {}
+    for c, shard in enumerate(shards):
+        path = parts / f"part-{c:05d}.parquet"
+        df = _read_part(path, key, c, [texts[i] for i in shard])
+        if df is not None:
+            frames[c] = df
+            continue
+        if path.exists():
+            log(f"{path.name} is corrupt or incomplete; computing it again")
+        todo[c] = ps.take(shard)
     bar = progress_bar(len(ps), progress, "sweep")
+    if bar is not None:
+        bar.update(len(ps) - sum(len(t) for t in todo.values()))
+
+    def finished(c: int, df: Any) -> None:
+        """Save chunk ``c`` as a part (in the driver, wherever it was computed)."""
+        chunk_texts = [texts[i] for i in shards[c]]
+        tables.write_parquet(df, parts / f"part-{c:05d}.parquet",
+                             {"key": key, "chunk": c, "plans": chunk_texts,
+                              "rows_per_plan": len(df) // len(chunk_texts)})
+        frames[c] = df
+        if bar is not None:
+            bar.update(len(chunk_texts))
+
+    job = ShardJob(prompts_l, answers_l, run_kwargs)
     try:
-        for c in range(n_chunks):
-            lo, hi = c * chunk_size, min(len(ps), (c + 1) * chunk_size)
-            path = parts / f"part-{c:05d}.parquet"
-            df = _read_part(path, key, c, texts[lo:hi])
-            if df is None:
-                if path.exists():
-                    log(f"{path.name} is corrupt or incomplete; computing it again")
-                res = runner.run(ps.take(range(lo, hi)), prompts_l, answers_l, progress=False,
-                                 **run_kwargs)
-                df = res.to_pandas()
-                tables.write_parquet(df, path, {"key": key, "chunk": c, "plans": texts[lo:hi],
-                                            "rows_per_plan": len(df) // (hi - lo)})
-            frames.append(df)
-            if bar is not None:
-                bar.update(hi - lo)
+        if spec is not None and todo:
+            from .cluster import run_shards
+
+            run_shards(runner.model, spec, todo, job, workers or 1, address, finished, log)
+        else:
+            for c, chunk in todo.items():
+                finished(c, job.run(runner, chunk))
     finally:
         if bar is not None:
             bar.close()
     import pandas as pd
 
-    table = pd.concat(frames, ignore_index=True)
+    table = pd.concat([frames[c] for c in range(len(shards))], ignore_index=True)
+    rows = table_order(shards, len(table) // len(ps))  # back to the plan set's order
+    table = table.iloc[rows].reset_index(drop=True)
     info = {**(meta or {}), "key": key, "plans": texts, "model_name": runner.model_name,
             "n_layers": runner.n_layers, "n_heads": runner.n_heads, "prompts": prompts_l,
             "answers": answers_l, "run_kwargs": key["run_kwargs"]}

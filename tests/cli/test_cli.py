@@ -192,6 +192,37 @@ def test_sweep_a_builtin_task_has_logit_differences(tiny_name, tmp_path, capsys)
     assert "Best 10 plans by logit_diff" in capsys.readouterr().out
 
 
+def test_sweep_workers_without_ray_say_how_to_install_it(tiny_name, prompt_file, tmp_path,
+                                                         capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    argv = ["sweep", "-m", tiny_name, "--grid", "blocks", "--prompts", str(prompt_file),
+            "--out", str(tmp_path / "b.parquet")]
+    assert main(argv + ["--workers", "2"]) == 2
+    err = one_line_error(capsys.readouterr().err)
+    assert "needs Ray" in err and "pip install 'fastskip[cluster]'" in err
+    assert main(argv + ["--ray-address", "auto"]) == 2
+    assert "--ray-address needs --workers N" in one_line_error(capsys.readouterr().err)
+    assert main(argv + ["--workers", "0"]) == 2
+    assert "must be >= 1" in one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.slow
+def test_sweep_on_workers_writes_the_one_process_table(tiny_name, prompt_file, tmp_path, capsys,
+                                                       ray_cluster, one_thread, monkeypatch):
+    from fastskip.cli import commands
+
+    monkeypatch.setattr(commands, "interactive", lambda: True)  # status lines on stderr
+    argv = ["sweep", "-m", tiny_name, "--grid", "heads", "--prompts", str(prompt_file),
+            "--chunk-size", "3"]
+    assert main(argv + ["--out", str(tmp_path / "one.parquet")]) == 0
+    assert main(argv + ["--out", str(tmp_path / "two.parquet"), "--workers", "2",
+                        "--ray-address", ray_cluster]) == 0  # joins the running cluster
+    assert "5 shards on 2 workers" in capsys.readouterr().err
+    pd.testing.assert_frame_equal(fs.io.load_results(tmp_path / "two.parquet").df,
+                                  fs.io.load_results(tmp_path / "one.parquet").df,
+                                  check_exact=True)
+
+
 def test_check_reports_the_max_error(tiny_name, capsys):
     assert main(["check", "-m", tiny_name, "--plan", "0-1,2.mlp/noln", "--grid", "leave-one-out",
                  "--n-random", "2"]) == 0
