@@ -17,6 +17,7 @@ exercised once, marked slow (``torch.compile`` on CPU takes minutes).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -29,6 +30,7 @@ from hypothesis.extra import numpy as hnp
 from strategies import (
     FULL_VOCAB,
     N_CTX,
+    SMALL_VOCABS,
     ablations,
     answers,
     build,
@@ -43,8 +45,12 @@ from strategies import (
 )
 
 import fastskip as fs
+from fastskip.inputs import make_batch
+from fastskip.model import blocks
 from fastskip.plans import PlanMask
 from fastskip.reference import check_report, reference_logits
+from fastskip.run.answer_metrics import answer_metrics, rank_bounds
+from fastskip.run.mixed_unembed import MixedUnembedding
 from helpers import kernel_runner
 
 ATOL = 1e-4  # fp32 against the TransformerLens reference (the README's promise)
@@ -61,7 +67,7 @@ PROFILE = "fastskip-long" if TOTAL else "fastskip-ci"
 
 # examples per test: (default profile, share of FASTSKIP_PROPERTY_EXAMPLES); shares sum to 1
 SHARES = {
-    "fast_paths": (12, 0.12),  # x3 strategies
+    "fast_paths": (12, 0.10),  # x3 strategies
     "kernels": (3, 0.02),  # x2 strategies: the Triton interpreter is slow
     "run": (10, 0.10),
     "asked": (30, 0.05),  # x2 strategies: asked positions only after the last attention
@@ -74,6 +80,8 @@ SHARES = {
     "text": (150, 0.03),
     "planset": (100, 0.02),
     "any_heads": (100, 0.02),
+    "mixed_rows": (25, 0.04),  # mixed precision on drawn final states (hard cases)
+    "mixed_run": (4, 0.02),  # mixed precision through Runner.run
 }
 RUNS = {"fast_paths": 3, "kernels": 2, "asked": 2}  # parametrized tests run once per parameter
 assert math.isclose(sum(share * RUNS.get(k, 1) for k, (_, share) in SHARES.items()), 1.0)
@@ -345,6 +353,117 @@ def test_run_matches_reference_prompt_by_prompt(data):
             assert not res.answer_mask[b, n_answer:].any()
             assert (res.rank[i, b, n_answer:] == -1).all()
             assert torch.isnan(res.logit[i, b, n_answer:]).all()
+
+
+# -- mixed precision against fp32 ---------------------------------------------------------
+
+
+def assert_mixed_agrees(met, bound, logits: torch.Tensor, answer: torch.Tensor, k: int,
+                        ref, context: str) -> None:
+    """Mixed-precision metrics of rows against fp32 logits [R, V] of the same rows:
+    overflow flags, ranks up to ties within fp32 round-off, the answer's and the top-k
+    logits, top-k ids up to ties (each id has its logit, none twice), probabilities
+    within the proven bound."""
+    assert torch.equal(met.nonfinite, ref.nonfinite), context
+    ok = ~ref.nonfinite
+    if not bool(ok.any()):
+        return
+    x = logits[ok]
+    tol = SAME * max(1.0, float(x.abs().max()))
+    lo, hi = rank_bounds(x, answer[ok], tol)
+    assert ((met.rank[ok] >= lo) & (met.rank[ok] <= hi)).all(), context
+    assert (met.rank[~ok] == -1).all(), context
+    assert (met.logit[ok] - ref.logit[ok]).abs().max() <= tol, context
+    if k:
+        assert (met.topk_logits[ok] - ref.topk_logits[ok]).abs().max() <= tol, context
+        at = x.gather(1, met.topk_ids[ok])
+        assert (at - met.topk_logits[ok]).abs().max() <= tol, context
+        assert (met.topk_ids[ok].sort(1).values.diff(dim=1) > 0).all(), context
+    seen = ref.logprob[ok] > -60  # further down, fp32 probabilities underflow
+    err = (met.logprob[ok] - ref.logprob[ok]).abs().double()[seen]
+    assert (err <= bound[ok][seen] + 2 * tol).all(), context
+
+
+@examples("mixed_rows")
+@given(data=st.data())
+def test_mixed_unembedding_matches_fp32_on_the_hard_cases(data):
+    """``MixedUnembedding.metrics`` on drawn final states against fp32 logits: flat
+    (random weights) or peaked logits, exact ties (duplicated columns), overflowing
+    rows, states of any scale (a /noln plan's residual can be 1e4 times the full
+    model's), answers at the top or deep in the distribution, every route."""
+    spec = data.draw(specs(vocabs=SMALL_VOCABS + (FULL_VOCAB,)), label="spec")
+    w = fs.Runner(build(spec), verbose=False).weights
+    V = w.d_vocab_out
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    W_U, b_U = w.W_U.clone(), w.b_U.clone()
+    case = data.draw(st.sampled_from(["flat", "peaked", "ties", "overflow"]), label="case")
+    if case in ("peaked", "ties"):
+        W_U *= data.draw(st.sampled_from([5.0, 30.0]), label="peak")
+    if case == "ties":  # a third of the vocabulary copies another column exactly
+        src = torch.randint(0, V, (V // 3,), generator=g)
+        dst = torch.randperm(V, generator=g)[: V // 3]
+        W_U[:, dst], b_U[dst] = W_U[:, src], b_U[src]
+    w = dataclasses.replace(w, W_U=W_U.contiguous(), b_U=b_U)
+    R = data.draw(st.integers(1, 24), label="rows")
+    scale = torch.logspace(-2, 4, R)[torch.randperm(R, generator=g)]
+    states = torch.randn(R, w.d_model, generator=g) * scale[:, None]
+    if case == "overflow":
+        states[torch.randint(0, R, (max(1, R // 4),), generator=g), 0] = float("inf")
+    logits = blocks.unembed(states, w)
+    top = torch.nan_to_num(logits, nan=0.0).argmax(1)
+    answer = torch.where(torch.rand(R, generator=g) < 0.5, top,
+                         torch.randint(0, V, (R,), generator=g))
+    k = data.draw(st.integers(0, 12), label="top_k")
+    mixed = MixedUnembedding(w)
+    route = data.draw(st.sampled_from(["estimate", "tier1", "tier2"]), label="route")
+    if route != "estimate":
+        mixed.route, mixed.tight = False, route == "tier2"
+        mixed.max_ambiguous = 10**9 if route == "tier1" else data.draw(
+            st.integers(0, 64), label="max_ambiguous")
+    event(f"mixed: {case}, {route}")
+    met, bound = mixed.metrics(states, answer, k)
+    ref = answer_metrics(logits, answer, k)
+    assert_mixed_agrees(met, bound, logits, answer, k, ref, f"{spec}, {case}, {route}")
+
+
+@examples("mixed_run")
+@given(data=st.data())
+def test_mixed_run_matches_fp32_run(data):
+    """``Runner(precision="mixed").run`` against the fp32 run on random plans (with
+    /noln) and prompts: ranks up to ties, fp32 logits, probabilities within the bound."""
+    spec = data.draw(st.one_of(gpt2_specs(vocabs=(FULL_VOCAB,), max_layers=3),
+                               llama_specs(vocabs=(FULL_VOCAB,), max_layers=2)), label="spec")
+    model = build(spec)
+    n = data.draw(st.integers(1, 3), label="n prompts")
+    ps = data.draw(st.lists(prompts(), min_size=n, max_size=n), label="prompts")
+    ans = data.draw(st.lists(answers(), min_size=n, max_size=n), label="answers")
+    rows = [teacher_forced_rows(model, p, a) for p, a in zip(ps, ans, strict=True)]
+    assume(all(len(r) - 1 <= N_CTX for r, _, _ in rows))
+    plans = data.draw(plan_sets(spec.n_layers, spec.n_heads, max_masks=4, max_texts=1),
+                      label="plans")
+    k = data.draw(st.integers(0, 5), label="top_k")
+    fp32 = fs.Runner(model, verbose=False)
+    mixed = fs.Runner(model, precision="mixed", verbose=False)
+    assert mixed.mixed is not None
+    mixed.mixed.route = data.draw(st.booleans(), label="route")
+    want, got = fp32.run(plans, ps, ans, top_k=k), mixed.run(plans, ps, ans, top_k=k)
+    batch = make_batch(model, ps, ans)
+    logits = fp32.asked_logits(fp32.plan_set(plans), batch)
+    m = batch.answer_mask[None].expand(len(plans), -1, -1)
+    V = logits.shape[-1]
+    answer = batch.answer_ids[None].expand(len(plans), -1, -1)[m]
+    pick = lambda t: t[m]  # noqa: E731
+
+    class Flat:  # the rows of a Results as answer_metrics gives them
+        def __init__(self, res):
+            self.rank, self.logit = pick(res.rank), pick(res.logit)
+            self.logprob = pick(res.prob).log()
+            self.topk_ids, self.topk_logits = pick(res.topk_ids), pick(res.topk_logits)
+            self.nonfinite = pick(res.info["nonfinite"])
+
+    bound = got.info["logprob_error_bound"][m]
+    assert_mixed_agrees(Flat(got), bound, logits[m].reshape(-1, V), answer, k, Flat(want),
+                        describe(spec, batch.tokens, None, plans))
 
 
 # -- invariances --------------------------------------------------------------------------

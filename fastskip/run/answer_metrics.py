@@ -10,13 +10,19 @@ exp(logit - logsumexp) in fp32.
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..errors import OverflowWarning
+from ..inputs import PromptBatch
 from ..plans import PlanSet
+from ..results import Results
+from .vocab_reductions import fused_logit_reductions
 
 
 @dataclass
@@ -35,18 +41,18 @@ class AnswerMetrics:
 
 def answer_metrics(logits: torch.Tensor, answer: torch.Tensor, top_k: int) -> AnswerMetrics:
     """logits [m, V] (any float dtype; metrics in fp32), answer [m] token ids."""
-    x = logits.float()
-    ans = x.gather(1, answer[:, None].long())[:, 0]
-    lse = torch.logsumexp(x, dim=1)
-    rank = (x > ans[:, None]).sum(dim=1)
-    k = min(max(int(top_k), 0), x.shape[1])
-    top_logits, top_ids = x.topk(k, dim=1) if k else (x[:, :0], answer[:, None][:, :0])
+    ans = logits.gather(1, answer[:, None].long()).float()
+    # one fused pass: log-sum-exp, entries above the answer (its rank), the minimum
+    lse, above, low = fused_logit_reductions(logits, ans)
+    ans, rank = ans[:, 0], above.long()
+    k = min(max(int(top_k), 0), logits.shape[1])
+    top_logits, top_ids = logits.topk(k, dim=1) if k else (logits[:, :0], answer[:, None][:, :0])
+    top_logits = top_logits.float()
     # overflowed rows (inf/NaN anywhere) have no meaningful rank: never report one.
-    # NaN or +inf anywhere makes logsumexp NaN/inf, -inf shows in the minimum: two
-    # cheap reductions instead of an elementwise isfinite over the vocabulary
-    bad = ~(torch.isfinite(lse) & torch.isfinite(x.amin(dim=1)))
+    # NaN or +inf anywhere makes the log-sum-exp NaN/inf, -inf shows in the minimum
+    bad = ~(torch.isfinite(lse) & torch.isfinite(low))
     if bool(bad.any()):
-        nan = torch.tensor(float("nan"), device=x.device)
+        nan = torch.tensor(float("nan"), device=logits.device)
         rank = torch.where(bad, torch.full_like(rank, -1), rank)
         ans, lse = torch.where(bad, nan, ans), torch.where(bad, nan, lse)
         top_ids = torch.where(bad[:, None], torch.full_like(top_ids, -1), top_ids)
@@ -61,19 +67,19 @@ class MetricTables:
     """Per-plan metric tensors, filled batch by batch of final states.
 
     Shapes: [P, N, A] (rank, logit, logprob), [P, N, A, k] (top-k), [P, N]
-    (wrong-answer logit, KL). ``window`` > 0 also flags rows whose rank is
-    ambiguous at that logit tolerance (an entry other than the answer within
-    ``window`` of the answer's logit).
+    (wrong-answer logit, KL). ``record_gap`` also keeps, per row, the distance from
+    the answer's logit to the nearest other entry (``gap``) and the RMS of the final
+    state (``state_rms``): what whole reduced precision decides by.
     """
 
     def __init__(self, P: int, answer_ids: torch.Tensor, top_k: int,
                  wrong: torch.Tensor | None = None, full_logprobs: torch.Tensor | None = None,
-                 window: float = 0.0):
+                 record_gap: bool = False):
         N, A = answer_ids.shape
         dev = answer_ids.device
         nan = float("nan")
         self.answer_ids, self.k, self.wrong, self.full_lp = answer_ids, top_k, wrong, full_logprobs
-        self.window = window
+        self.record_gap = record_gap
         self.rank = torch.full((P, N, A), -1, dtype=torch.long, device=dev)
         self.logit = torch.full((P, N, A), nan, device=dev)
         self.logprob = torch.full((P, N, A), nan, device=dev)
@@ -82,8 +88,10 @@ class MetricTables:
         self.topk_logprobs = torch.full((P, N, A, top_k), nan, device=dev)
         self.wrong_logit = torch.full((P, N), nan, device=dev) if wrong is not None else None
         self.kl = torch.full((P, N), nan, device=dev) if full_logprobs is not None else None
-        self.ambiguous = torch.zeros((P, N, A), dtype=torch.bool, device=dev)
+        self.gap = torch.full((P, N, A), math.inf, device=dev) if record_gap else None
+        self.state_rms = torch.full((P, N, A), nan, device=dev) if record_gap else None
         self.nonfinite = torch.zeros((P, N, A), dtype=torch.bool, device=dev)
+        self.logprob_bound: torch.Tensor | None = None  # [P, N, A], mixed precision only
 
     def add(self, logits: torch.Tensor, plans: torch.Tensor, rows: torch.Tensor) -> None:
         """logits [m, N, A, V] of m distinct final states; plan ``plans[i]`` uses
@@ -91,6 +99,28 @@ class MetricTables:
         m, N, A, V = logits.shape
         flat = logits.reshape(m * N * A, V)
         met = answer_metrics(flat, self.answer_ids.reshape(-1).repeat(m), self.k)
+        self.add_metrics(met, plans, rows, m)
+        first = logits[:, :, 0]  # [m, N, V] at the first answer position
+        if self.wrong is not None:
+            wl = first.gather(2, self.wrong[None, :, None].expand(m, N, 1))[..., 0].float()
+            self.add_wrong(wl, plans, rows)
+        self.add_kl(first, plans, rows)
+        if self.gap is not None:
+            dist = (flat.float() - met.logit[:, None]).abs_()
+            dist.scatter_(1, self.answer_ids.reshape(-1).repeat(m)[:, None], math.inf)
+            self.gap[plans] = dist.amin(1).view(m, N, A)[rows]
+
+    def add_states(self, states: torch.Tensor, plans: torch.Tensor, rows: torch.Tensor) -> None:
+        """The RMS of final states [m, N, A, d] (with ``record_gap``)."""
+        if self.state_rms is not None:
+            rms = states.float().pow(2).mean(-1).sqrt()
+            self.state_rms[plans] = rms[rows]
+
+    def add_metrics(self, met: AnswerMetrics, plans: torch.Tensor, rows: torch.Tensor, m: int,
+                    logprob_bound: torch.Tensor | None = None) -> None:
+        """Metrics of m * N * A rows (state-major), as ``answer_metrics`` gives them;
+        ``logprob_bound`` [m * N * A]: their probabilities' bound (mixed precision)."""
+        N, A = self.answer_ids.shape
         shaped = lambda t: t.view(m, N, A, *t.shape[1:])[rows]  # noqa: E731
         self.rank[plans] = shaped(met.rank)
         self.logit[plans] = shaped(met.logit)
@@ -99,17 +129,36 @@ class MetricTables:
         self.topk_logits[plans] = shaped(met.topk_logits)
         self.topk_logprobs[plans] = shaped(met.topk_logprobs)
         self.nonfinite[plans] = shaped(met.nonfinite)
-        first = logits[:, :, 0]  # [m, N, V] at the first answer position
-        if self.wrong is not None:
-            wl = first.gather(2, self.wrong[None, :, None].expand(m, N, 1))[..., 0].float()
-            self.wrong_logit[plans] = wl[rows]  # type: ignore[index]
+        if logprob_bound is not None:
+            if self.logprob_bound is None:
+                self.logprob_bound = torch.zeros_like(self.logit, dtype=torch.float64)
+            self.logprob_bound[plans] = shaped(logprob_bound)
+
+    def add_wrong(self, wrong_logit: torch.Tensor, plans: torch.Tensor, rows: torch.Tensor
+                  ) -> None:
+        """The wrong answers' logits [m, N] at the first answer position."""
+        self.wrong_logit[plans] = wrong_logit[rows]  # type: ignore[index]
+
+    def add_kl(self, first: torch.Tensor, plans: torch.Tensor, rows: torch.Tensor) -> None:
+        """KL from the full model, from logits [m, N, V] at the first answer position."""
         if self.full_lp is not None:
             lp = first.float().log_softmax(-1)
             div = (self.full_lp.exp()[None] * (self.full_lp[None] - lp)).sum(-1)
             self.kl[plans] = div[rows]  # type: ignore[index]
-        if self.window > 0:
-            near = (flat.float() - met.logit[:, None]).abs() <= self.window
-            self.ambiguous[plans] = shaped(near.sum(1) > 1)
+
+    def results(self, plans: Sequence[str], batch: PromptBatch, model_name: str,
+                info: dict[str, Any]) -> Results:
+        """The tables as ``Results`` of ``batch`` (after ``mask_padding``)."""
+        logit_diff = None
+        if self.wrong_logit is not None:
+            logit_diff = self.logit[:, :, 0] - self.wrong_logit
+        return Results(
+            plans=plans, prompts=batch.prompts, answers=batch.answers,
+            answer_str_tokens=batch.answer_str_tokens, prompt_str_tokens=batch.prompt_str_tokens,
+            answer_ids=batch.answer_ids, answer_mask=batch.answer_mask, rank=self.rank,
+            logit=self.logit, prob=self.logprob.exp(), topk_ids=self.topk_ids,
+            topk_logits=self.topk_logits, topk_probs=self.topk_logprobs.exp(),
+            model_name=model_name, logit_diff=logit_diff, kl=self.kl, info=info)
 
     def mask_padding(self, answer_mask: torch.Tensor) -> None:
         pad = ~answer_mask
@@ -117,8 +166,12 @@ class MetricTables:
         self.logit[:, pad] = float("nan")
         self.logprob[:, pad] = float("nan")
         self.topk_ids[:, pad] = -1
-        self.ambiguous[:, pad] = False
         self.nonfinite[:, pad] = False
+        if self.gap is not None and self.state_rms is not None:
+            self.gap[:, pad] = math.inf
+            self.state_rms[:, pad] = float("nan")
+        if self.logprob_bound is not None:
+            self.logprob_bound[:, pad] = float("nan")
 
 
 def rank_bounds(logits: torch.Tensor, answer: torch.Tensor, tol: float

@@ -10,6 +10,7 @@ them into metrics; with reduced precision it adds the fp32 rank check, with
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -25,7 +26,7 @@ from ..model import blocks, stack_weights
 from ..model.ops import StepOps, want_kernels
 from ..plans import PlanSet, PlansLike
 from ..results import Results
-from . import precision
+from . import precision as reduced
 from .answer_metrics import MetricTables, warn_nonfinite
 from .batch_cache import BatchCache
 from .masked_executor import MaskedExecutor
@@ -39,10 +40,12 @@ from .memory import (
     parse_memory,
     split_budget,
 )
+from .mixed_unembed import MixedStats, Precision, mixed_unembedding
 from .progress import with_progress
 from .sources import Sources, sources_for_batch, sources_for_tokens
 from .tree_executor import FinalStates, TreeExecutor
 from .verify import verify_logit_diff, verify_logits, verify_run
+from .vocab_reductions import fused_logit_reductions
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -68,7 +71,13 @@ class Runner:
         kernels: use the fused Triton MLP kernels (default: on CUDA when the
             model's MLP is covered; see ``fastskip.kernels``).
         exact_ranks: with dtype bfloat16/float16, recompute in fp32 every plan
-            whose rank the reduced precision leaves ambiguous (``fastskip.run.precision``).
+            whose rank the reduced precision leaves ambiguous (``fastskip.run.precision``;
+            the error bound is measured, an empirical guarantee).
+        precision: ``"mixed"``: blocks in fp32, the unembedding product in bf16 with
+            fp32 wherever a proven bound on its error could change a rank or a top-k id
+            (``fastskip.run.mixed_unembed``): ranks and top-k ids of an fp32 run,
+            probabilities within ``Results.info["logprob_error_bound"]``. Default
+            (None): everything in ``dtype``.
         verify: re-check this many random plans of every call against the
             TransformerLens reference and raise ``CheckError`` on disagreement
             (``fastskip.run.verify``).
@@ -78,7 +87,7 @@ class Runner:
                  dtype: torch.dtype | None = None, max_memory: int | str | None = None,
                  strategy: Strategy = "tree", compile: bool | None = None,
                  kernels: bool | None = None, verbose: bool = True, exact_ranks: bool = True,
-                 verify: int = 0):
+                 verify: int = 0, precision: Precision | None = None):
         if strategy not in STRATEGIES:
             raise FastskipError(f"strategy must be one of {STRATEGIES}, got '{strategy}'")
         if not (hasattr(model, "cfg") and hasattr(model, "blocks")):  # a HookedTransformer
@@ -100,8 +109,10 @@ class Runner:
         self.verbose = verbose
         self.ops = StepOps(self.weights, compile=self.compile,
                            kernels=want_kernels(self.weights, kernels), verbose=verbose)
-        self.exact_ranks = exact_ranks and self.dtype in precision.REDUCED
+        self.exact_ranks = exact_ranks and self.dtype in reduced.REDUCED
         self.verify = verify
+        self.precision = precision
+        self.mixed = mixed_unembedding(precision, self.weights)  # None unless "mixed"
         self._exact: Runner | None = None
         self._batches = BatchCache()
         self._calls = 0
@@ -351,59 +362,74 @@ class Runner:
 
     def _run_batch(self, ps: PlanSet, batch: PromptBatch, top_k: int,
                    wrong: torch.Tensor | None = None, kl: bool = False,
-                   progress: bool | None = None, window: float = 0.0,
+                   progress: bool | None = None, record_gap: bool = False,
                    ablation: Ablation | None = None) -> Results:
-        """Metrics of every plan in this runner's precision; ``window`` > 0 flags
-        rows whose rank an error of that size could change."""
+        """Metrics of every plan in this runner's precision; ``record_gap`` keeps what
+        whole reduced precision decides by (``MetricTables``)."""
         k = min(top_k, self.weights.d_vocab_out)
         tables = MetricTables(len(ps), batch.answer_ids, k, wrong,
-                              self._full_logprobs(batch) if kl else None, window)
+                              self._full_logprobs(batch) if kl else None, record_gap)
         sources = self.sources(ablation, batch)
+        if self.mixed is not None:
+            self.mixed.stats = MixedStats()
         for states, plans, rows in self._each_final(ps, batch.tokens, batch.q_pos, sources,
                                                     progress):
-            tables.add(blocks.unembed(states, self.weights), plans, rows)
+            self._unembed_metrics(tables, states, plans, rows)
         tables.mask_padding(batch.answer_mask)
         warn_nonfinite(tables.nonfinite, ps)
-        logit_diff = None
-        if tables.wrong_logit is not None:
-            logit_diff = tables.logit[:, :, 0] - tables.wrong_logit
-        return Results(
-            plans=ps.lazy_texts(), prompts=batch.prompts, answers=batch.answers,
-            answer_str_tokens=batch.answer_str_tokens, prompt_str_tokens=batch.prompt_str_tokens,
-            answer_ids=batch.answer_ids, answer_mask=batch.answer_mask, rank=tables.rank,
-            logit=tables.logit, prob=tables.logprob.exp(), topk_ids=tables.topk_ids,
-            topk_logits=tables.topk_logits, topk_probs=tables.topk_logprobs.exp(),
-            model_name=self.model_name, logit_diff=logit_diff, kl=tables.kl,
-            info={"compile_seconds": self.compile_seconds, "ambiguous": tables.ambiguous,
-                  "nonfinite": tables.nonfinite},
-        )
+        info = {"compile_seconds": self.compile_seconds, "nonfinite": tables.nonfinite,
+                "metrics_compile_seconds": fused_logit_reductions.compile_seconds}
+        if self.mixed is not None:
+            info.update(precision="mixed", guarantee="proven",
+                        logprob_error_bound=tables.logprob_bound,
+                        mixed=dataclasses.asdict(self.mixed.stats))
+        if record_gap:
+            info.update(gap=tables.gap, state_rms=tables.state_rms)
+        return tables.results(ps.lazy_texts(), batch, self.model_name, info)
+
+    def _unembed_metrics(self, tables: MetricTables, states: torch.Tensor,
+                         plans: torch.Tensor, rows: torch.Tensor) -> None:
+        """Unembed one batch of final states [m, N, A, d] into ``tables``."""
+        if self.mixed is None:
+            tables.add(blocks.unembed(states, self.weights), plans, rows)
+            tables.add_states(states, plans, rows)
+            return
+        # mixed precision: the vocabulary product in bf16 (~4x the fp32 rate on CPUs with
+        # AVX512-BF16/AMX, more on GPUs), fp32 only where its proven bound leaves a rank or
+        # a top-k id open (fastskip.run.mixed_unembed)
+        m, N, A, d = states.shape
+        met, bound = self.mixed.metrics(states.reshape(-1, d),
+                                        tables.answer_ids.reshape(-1).repeat(m), tables.k)
+        tables.add_metrics(met, plans, rows, m, bound)
+        first = states[:, :, 0].reshape(-1, d)  # [m * N, d] at the first answer position
+        if tables.wrong is not None:  # the wrong answer's logit in fp32 (one column)
+            wrong = self.mixed.logits_at(first, tables.wrong.repeat(m))
+            tables.add_wrong(wrong.view(m, N), plans, rows)
+        if tables.full_lp is not None:  # KL needs the whole distribution: fp32
+            tables.add_kl(blocks.unembed(states[:, :, 0], self.weights), plans, rows)
 
     def _run_with_exact_ranks(self, ps: PlanSet, batch: PromptBatch, top_k: int,
                               wrong: torch.Tensor | None, kl: bool, progress: bool | None,
                               ablation: Ablation | None) -> Results:
-        """``_run_batch`` in reduced precision with fp32 ranks (``fastskip.run.precision``)."""
+        """``_run_batch`` in reduced precision with fp32 ranks, the error bound checked
+        per plan against its growth (``fastskip.run.precision``: an empirical guarantee)."""
         exact = self.exact_runner()
-        sampled = precision.sample_plans(len(ps))
-        measured = precision.measure_error(
-            self.asked_logits(ps.take(sampled), batch, ablation),
-            exact.asked_logits(ps.take(sampled), batch, ablation), batch.answer_mask, sampled)
-        if measured.error is None:  # no error to go by: fp32 throughout
-            res = exact._run_batch(ps, batch, top_k, wrong, kl, progress, ablation=ablation)
-            res.info.update(measured_error=float("nan"), error_bound=0.0,
-                            recomputed_plans=len(ps), ambiguous_rows=0, dtype=str(self.dtype))
-            return res
-        bound = precision.error_bound(measured)
         with warnings.catch_warnings():  # overflow is warned about once, as fp32 has it
             warnings.simplefilter("ignore", OverflowWarning)
-            res = self._run_batch(ps, batch, top_k, wrong, kl, progress, window=2 * bound,
+            res = self._run_batch(ps, batch, top_k, wrong, kl, progress, record_gap=True,
                                   ablation=ablation)
-            redo = precision.plans_to_redo(res, measured)
+            growth = reduced.plan_growth(res.info.pop("state_rms"))
+            gap = res.info.pop("gap")
+            sampled = reduced.sample_plans(growth)
+            measured = reduced.measure_error(
+                self.asked_logits(ps.take(sampled), batch, ablation),
+                exact.asked_logits(ps.take(sampled), batch, ablation), batch.answer_mask,
+                sampled, growth)
+            redo, bounds = reduced.plans_to_redo(res, gap, growth, sampled, measured)
             if len(redo):
                 fixed = exact._run_batch(ps.take(redo), batch, top_k, wrong, kl, progress,
                                          ablation=ablation)
-                precision.splice(res, fixed, redo)
+                reduced.splice(res, fixed, redo)
         warn_nonfinite(res.info["nonfinite"], ps)
-        res.info.update(measured_error=measured.error, error_bound=bound,
-                        recomputed_plans=int(len(redo)),
-                        ambiguous_rows=int(res.info["ambiguous"].sum()), dtype=str(self.dtype))
+        reduced.report(res, measured, bounds, redo, sampled, self.dtype)
         return res
