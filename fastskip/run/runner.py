@@ -28,6 +28,7 @@ from . import precision
 from .answer_metrics import MetricTables, warn_nonfinite
 from .batch_cache import BatchCache
 from .masked_executor import MaskedExecutor
+from .mean_circuits import MeanAblatedCircuits, circuit_inputs
 from .memory import MemorySizes, default_memory, memory_sizes, parse_memory, split_budget
 from .progress import with_progress
 from .sources import Sources, sources_for_batch, sources_for_tokens
@@ -296,6 +297,21 @@ class Runner:
             two = torch.einsum("mnd,ndk->mnk", x, W) + b  # [m, N, 2]
             out[plan_idx] = (two[..., 0] - two[..., 1]).float()[rows]
         return out
+
+    def mean_ablated_circuits(self, prompts: Sequence[str], answers: Sequence[str],
+                              wrong_answers: Sequence[str], mean_prompts: Sequence[str],
+                              prepend_bos: bool = False) -> MeanAblatedCircuits:
+        """Scores of head/MLP circuits under the mean ablation of Lan & Barez's
+        circuit search (heads outside the circuit at their full-model mean z, MLPs
+        at their mean output under the circuit's own head ablation; per position,
+        over ``mean_prompts``), for the searches that call it trial after trial:
+        it keeps the current circuit's states and shares them
+        (``fastskip.run.mean_circuits``). Prompts must share one token length
+        (without BOS by default, as the paper tokenizes); the last position is scored.
+        """
+        tokens, cols, mean_tokens = circuit_inputs(self.model, prompts, answers, wrong_answers,
+                                                   mean_prompts, prepend_bos, self.device)
+        return MeanAblatedCircuits(self.weights, tokens, cols, mean_tokens, self.max_memory)
 
     # -- internals -------------------------------------------------------------
     def asked_logits(self, ps: PlanSet, batch: PromptBatch, ablation: Ablation | None = None
