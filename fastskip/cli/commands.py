@@ -253,6 +253,10 @@ def load_search_task(args: Args, runner: Any) -> Any:
         task = tasks.load_seqcont(args.task, args.n_per_template, model=runner.model)
     except ValueError as e:
         raise InputError(str(e)) from None
+    if args.n_mean is not None:
+        if args.n_mean < 1:
+            raise InputError(f"--n-mean must be >= 1, got {args.n_mean}")
+        task.mean_prompts = (task.mean_prompts or [])[: args.n_mean]
     if task.dropped or task.dropped_mean:
         say(args, f"dropped {task.dropped} prompts and {task.dropped_mean} mean prompts of "
                   "another token length")

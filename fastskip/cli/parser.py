@@ -149,6 +149,9 @@ def build_parser() -> Parser:
     p.add_argument("--n-per-template", type=int, default=512, metavar="N",
                    help="--data seqcont: prompts of each of its 3 templates (default 512, the "
                         "paper's)")
+    p.add_argument("--n-mean", type=int, metavar="N",
+                   help="--data seqcont: mean-ablate over the first N of its 1,536 random "
+                        "prompts (default: all, the paper's)")
     p.add_argument("--algorithm", choices=("backward", "seqcont"),
                    help="prune-nodes: backward (fastskip's walk, zero ablation) or seqcont "
                         "(the paper's search); default: seqcont with --data seqcont, else "

@@ -24,7 +24,9 @@ def head_subset(lw: LayerWeights, cfg: BlockConfig, heads: torch.Tensor
     """Layer weights and config restricted to query heads ``heads`` (long [k]):
     W_Q/b_Q columns and W_O rows of those heads, and for each its own copy of its
     key/value head (grouped-query models share one among H/K query heads), so
-    the subset is a plain k-head attention."""
+    the subset is a plain k-head attention. Every head: the layer as it is."""
+    if int(heads.numel()) == cfg.n_heads:
+        return lw, cfg
     dh = cfg.d_head
     offs = torch.arange(dh, device=heads.device)
     q_cols = (heads[:, None] * dh + offs).reshape(-1)
@@ -42,8 +44,10 @@ def attention_update(w: StackedWeights, layer: int, x: torch.Tensor, keep: torch
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Residual after layer ``layer``'s attention, for circuits keeping heads
     ``keep`` (bool [n, H]); removed heads output ``z_mean`` ([Q, H, dh], at the
-    asked positions). x: [n, B, T, d]; with ``q_pos`` [B, Q] only those query
-    positions are computed (keys and values use every position).
+    asked positions). x: [n, B, T, d], or [1, B, T, d] when all n circuits start
+    from the same state (then z is computed once for all of them); with ``q_pos``
+    [B, Q] only those query positions are computed (keys and values use every
+    position).
 
     Returns (residual [n, B, Q, d], z [n, B, Q, k, dh] of the computed heads
     ``keep.any(0)`` before their mean fill, or None when no head is computed).
@@ -58,9 +62,10 @@ def attention_update(w: StackedWeights, layer: int, x: torch.Tensor, keep: torch
         assert z_mean is not None
         W_O = lw.W_O.view(cfg.n_heads, cfg.d_head, -1)[absent].reshape(-1, lw.W_O.shape[1])
         out = out + z_mean[:, absent].reshape(Q, -1) @ W_O
+    n = keep.shape[0]
     idx = computed.nonzero()[:, 0]
     if not idx.numel():
-        return resid + out, None
+        return (resid + out).expand(n, -1, -1, -1), None
     sub, sub_cfg = head_subset(lw, cfg, idx)
     z = blocks.attention_z(x, sub, sub_cfg, True, q_pos, w.rotary)  # only the kept heads
     kept = keep[:, idx]
@@ -69,7 +74,8 @@ def attention_update(w: StackedWeights, layer: int, x: torch.Tensor, keep: torch
     else:
         assert z_mean is not None
         filled = torch.where(kept[:, None, None, :, None], z, z_mean[:, idx])
-    return resid + (filled.reshape(*z.shape[:3], -1) @ sub.W_O + out), z
+    new = resid + (filled.reshape(*filled.shape[:3], -1) @ sub.W_O + out)
+    return new.expand(n, -1, -1, -1), z
 
 
 def mlp_output(w: StackedWeights, layer: int, x: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,13 @@ and one over the prompts. Here:
   layer l depends only on the heads of layers <= l: means are memoized by that
   key, so circuits that differ only in MLPs, or from the base only above l,
   share them; a circuit whose heads equal the base's needs no means forward;
-* only the last position's logits count, so the last layer (of the prompts and
-  of the mean prompts) runs its queries and MLP there only, and the unembedding
-  takes the two answer columns;
+* only the last position's logits count: above a circuit's highest kept head no
+  attention moves information between positions, so from that layer on (its
+  queries; its keys and values read every position) the circuit's passes over
+  the prompts and over the mean prompts run at the last position only, and its
+  MLP means there are needed at the last position only; the unembedding takes
+  the two answer columns. Late in a search, when the upper layers' heads are
+  gone, this is most of the work saved;
 * heads that no circuit of a batch keeps are never computed
   (``circuit_layers``); circuits starting at one layer run as one node batch.
 """
@@ -32,71 +36,21 @@ and one over the prompts. Here:
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from ..errors import InputError
 from ..model import StackedWeights, blocks
 from .circuit_layers import attention_update, mlp_output, mlp_update
-from .memory import element_bytes, ensure_fits, format_bytes
-
-if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
-
-MemoKey = tuple[int, bytes]  # (layer, kept heads of layers 0..layer as bytes)
+from .mean_memo import MeanMemo
+from .memory import element_bytes, ensure_fits
 
 
 def first_difference(a: np.ndarray, b: np.ndarray) -> int:
     """The first layer (leading axis) where masks a and b differ; len(a) if none."""
     diff = (a != b).reshape(len(a), -1).any(axis=1)
     return int(np.argmax(diff)) if diff.any() else len(a)
-
-
-def circuit_inputs(model: HookedTransformer, prompts: Sequence[str], answers: Sequence[str],
-                   wrong_answers: Sequence[str], mean_prompts: Sequence[str],
-                   prepend_bos: bool, device: torch.device
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tokens [N, T] of the prompts (one token length), the answer and wrong-answer
-    first-token ids [N, 2] and the mean prompts' tokens cut to T [R, T]."""
-    lists = {"prompts": prompts, "answers": answers, "wrong_answers": wrong_answers,
-             "mean_prompts": mean_prompts}
-    for what, xs in lists.items():
-        if isinstance(xs, str) or not all(isinstance(x, str) for x in xs) or not len(xs):
-            raise InputError(f"{what} must be a non-empty list of strings")
-    if not len(prompts) == len(answers) == len(wrong_answers):
-        raise InputError(f"give one answer and one wrong answer per prompt: got {len(prompts)} "
-                         f"prompts, {len(answers)} answers, {len(wrong_answers)} wrong answers")
-
-    def tok(text: str, bos: bool) -> torch.Tensor:
-        return model.to_tokens(text, prepend_bos=bos, truncate=False)[0].cpu()
-
-    rows = [tok(p, prepend_bos) for p in prompts]
-    T = len(rows[0])
-    for i, r in enumerate(rows):
-        if len(r) != T:
-            raise InputError(
-                f"prompt {i} {prompts[i]!r} has {len(r)} tokens but prompt 0 has {T}: per-position "
-                "means need prompts of one token length (fs.tasks.load_seqcont drops the others)")
-    mean_rows = [tok(p, prepend_bos) for p in mean_prompts]
-    for i, r in enumerate(mean_rows):
-        if len(r) < T:
-            raise InputError(f"mean prompt {i} {mean_prompts[i]!r} has {len(r)} tokens; mean "
-                             f"prompts need at least the prompts' {T}")
-    firsts = []
-    for what, xs in (("answer", answers), ("wrong answer", wrong_answers)):
-        ids = [tok(a, False) for a in xs]
-        for i, t in enumerate(ids):
-            if len(t) == 0:
-                raise InputError(f"{what} {i} {xs[i]!r} is empty after tokenization")
-        firsts.append(torch.stack([t[0] for t in ids]))
-    if model.cfg.n_ctx < T:
-        raise InputError(f"prompts have {T} tokens; the model's context is {model.cfg.n_ctx}")
-    return (torch.stack(rows).to(device), torch.stack(firsts, dim=1).to(device),
-            torch.stack([r[:T] for r in mean_rows]).to(device))
 
 
 class MeanAblatedCircuits:
@@ -129,10 +83,11 @@ class MeanAblatedCircuits:
         ensure_fits(self.row_bytes, self.work, "one prompt's pass beside the cached states",
                     "raise max_memory")
         memo_entry = self.T * w.d_model * elem
-        self.memo_size = max(4 * self.L, (max_memory // 16) // memo_entry)
-        self.memo: OrderedDict[MemoKey, torch.Tensor] = OrderedDict()
-        self.timing = {"means_s": 0.0, "trials_s": 0.0, "means_row_layers": 0,
-                       "trials_row_layers": 0}
+        self.memo = MeanMemo(max(4 * self.L, (max_memory // 16) // memo_entry))
+        # seconds, and the work as (prompt rows x layers) at every position; a layer
+        # run at the last position only counts 1/T
+        self.timing = {"means_s": 0.0, "trials_s": 0.0, "means_row_layers": 0.0,
+                       "trials_row_layers": 0.0}
         self.base_heads = np.ones((self.L, self.H), dtype=bool)
         self.base_mlps = np.ones(self.L, dtype=bool)
         dev = tokens.device
@@ -152,37 +107,33 @@ class MeanAblatedCircuits:
             torch.cuda.synchronize(self.w.device)
         return time.perf_counter()
 
-    def _positions(self, layer: int, rows: int) -> torch.Tensor | None:
-        """The query positions of ``layer``: all (None), or the last one on the last
-        layer, whose output only the last position's logits read."""
-        if layer < self.L - 1:
+    def _positions(self, layer: int, rows: int, top: int | None = None
+                   ) -> torch.Tensor | None:
+        """The query positions of ``layer`` for circuits whose highest kept head is in
+        layer ``top`` (default: the last layer): every position below it (None), the
+        last one at it (its keys and values still read every position), and above
+        it the states hold the last position only (None again)."""
+        if layer != (self.L - 1 if top is None else top):
             return None
         return torch.full((rows, 1), self.T - 1, dtype=torch.long, device=self.w.device)
 
-    def _width(self, layer: int) -> int:
-        """Positions computed at ``layer``: T, or 1 on the last layer."""
-        return self.T if layer < self.L - 1 else 1
+    def _width(self, layer: int, top: int | None = None) -> int:
+        """Positions of the outputs of ``layer`` (see ``_positions``): T below
+        ``top``, 1 from it on. Above a circuit's highest kept head no attention moves
+        information between positions, so only the last position's states reach
+        the scored logits: everything else there is never computed."""
+        return self.T if layer < (self.L - 1 if top is None else top) else 1
+
+    def _z_mean(self, layer: int, top: int | None = None) -> torch.Tensor:
+        """The heads' mean z at ``layer`` at the positions computed there."""
+        return self.z_mean[layer] if self._width(layer, top) == self.T \
+            else self.z_mean[layer][-1:]
 
     def _chunks(self, n_rows: int, n_nodes: int) -> Iterator[slice]:
         """Row slices so that ``n_nodes`` circuits x rows fit the work budget."""
         rows = max(1, min(n_rows, self.work // (self.row_bytes * max(1, n_nodes))))
         for a in range(0, n_rows, rows):
             yield slice(a, min(n_rows, a + rows))
-
-    def _key(self, heads: np.ndarray, layer: int) -> MemoKey:
-        return layer, heads[: layer + 1].tobytes()
-
-    def _remember(self, key: MemoKey, mean: torch.Tensor) -> None:
-        self.memo[key] = mean
-        self.memo.move_to_end(key)
-        while len(self.memo) > self.memo_size:
-            self.memo.popitem(last=False)
-
-    def _recall(self, key: MemoKey) -> torch.Tensor | None:
-        got = self.memo.get(key)
-        if got is not None:
-            self.memo.move_to_end(key)
-        return got
 
     # -- the base circuit ----------------------------------------------------------
     @torch.no_grad()
@@ -211,8 +162,8 @@ class MeanAblatedCircuits:
                 if layer + 1 < L:
                     self.mean_states[layer + 1][rows] = x[0]
         for layer in range(L):
-            self._remember(self._key(self.base_heads, layer), (m_sum[layer] / self.R).to(w.dtype))
-        self.timing["means_row_layers"] += self.R * L
+            self.memo.put(self.base_heads, layer, (m_sum[layer] / self.R).to(w.dtype))
+        self.timing["means_row_layers"] += self.R * (L - 1 + 1 / self.T)
         self.timing["means_s"] += self._sync() - start
         return [(z / self.R).to(w.dtype) for z in z_sum]
 
@@ -227,9 +178,10 @@ class MeanAblatedCircuits:
         self.base_heads, self.base_mlps = heads.copy(), mlps.copy()
 
     @torch.no_grad()
-    def _base_layer(self, layer: int, store: bool) -> None:
+    def _base_layer(self, layer: int, store: bool) -> torch.Tensor:
         """The base's layer ``layer`` over the mean prompts (from its valid states
-        there): memoize its MLP mean; with ``store``, keep the states after it."""
+        there): its MLP mean (memoized, and returned); with ``store``, keep the
+        states after it."""
         w = self.w
         start = self._sync()
         keep = torch.as_tensor(self.base_heads[layer][None], device=w.device)
@@ -242,9 +194,11 @@ class MeanAblatedCircuits:
             m_sum += m[0].sum(0, dtype=torch.float32)
             if store:
                 self.mean_states[layer + 1][rows] = (x + m)[0]
-        self._remember(self._key(self.base_heads, layer), (m_sum / self.R).to(w.dtype))
-        self.timing["means_row_layers"] += self.R
+        mean = (m_sum / self.R).to(w.dtype)
+        self.memo.put(self.base_heads, layer, mean)
+        self.timing["means_row_layers"] += self.R * self._width(layer) / self.T
         self.timing["means_s"] += self._sync() - start
+        return mean
 
     def _advance_means(self, target: int) -> None:
         """Make the base's mean-prompt states valid up to layer ``target`` (< L)."""
@@ -252,16 +206,15 @@ class MeanAblatedCircuits:
             self._base_layer(layer, store=True)
             self.mean_valid = layer + 1
 
-    def _base_mean(self, layer: int) -> torch.Tensor:
-        """The base's MLP mean at ``layer`` (memoized, else computed from its states)."""
-        key = self._key(self.base_heads, layer)
-        got = self._recall(key)
+    def _base_mean(self, layer: int, width: int) -> torch.Tensor:
+        """The base's MLP mean at ``layer`` at ``width`` positions (memoized, else
+        computed from its states)."""
+        got = self.memo.get(self.base_heads, layer, width)
         if got is None:
             self._advance_means(layer)
             store = layer == self.mean_valid and layer + 1 < self.L
-            self._base_layer(layer, store)
+            got = self._base_layer(layer, store)[-width:]
             self.mean_valid += int(store)
-            got = self.memo[key]
         return got
 
     @torch.no_grad()
@@ -270,7 +223,8 @@ class MeanAblatedCircuits:
         target - 1 (target L: to the final states at the last position)."""
         w, L = self.w, self.L
         for layer in range(self.task_valid, min(target, L)):
-            mean = None if self.base_mlps[layer] else self._base_mean(layer)[None]
+            mean = None if self.base_mlps[layer] else \
+                self._base_mean(layer, self._width(layer))[None]
             start = self._sync()
             keep = torch.as_tensor(self.base_heads[layer][None], device=w.device)
             keep_mlp = torch.as_tensor(self.base_mlps[layer:layer + 1], device=w.device)
@@ -281,7 +235,7 @@ class MeanAblatedCircuits:
                 x = mlp_update(w, layer, x, keep_mlp, mean)
                 (self.task_states[layer + 1] if layer + 1 < L else self.final)[rows] = x[0]
             self.task_valid = layer + 1
-            self.timing["trials_row_layers"] += self.N
+            self.timing["trials_row_layers"] += self.N * self._width(layer) / self.T
             self.timing["trials_s"] += self._sync() - start
 
     # -- circuits ----------------------------------------------------------------
@@ -296,10 +250,17 @@ class MeanAblatedCircuits:
         two = torch.einsum("nrd,rdk->nrk", h, W) + w.b_U[cols]
         return (two[..., 0] - two[..., 1]).float()
 
+    def _start(self, states: torch.Tensor, rows: slice, start: int, top: int) -> torch.Tensor:
+        """The base's states before layer ``start`` as one node [1, r, T or 1, d]."""
+        x = states[rows][None]  # one state for every circuit: its z is computed once
+        return x if start <= top else x[:, :, -1:]
+
     @torch.no_grad()
-    def _circuit_means(self, heads: np.ndarray, start: int, need: np.ndarray) -> None:
+    def _circuit_means(self, heads: np.ndarray, start: int, top: int, need: np.ndarray
+                       ) -> dict[tuple[bytes, int], torch.Tensor]:
         """Mean-prompt passes of circuits ``heads`` [n, L, H] that agree with the base
-        below layer ``start``, memoizing their MLP means of layers start..need[i]."""
+        below layer ``start`` and keep no head above layer ``top``: their MLP means
+        of layers start..need[i], by (heads as bytes, layer), also memoized."""
         w = self.w
         order = np.argsort(-need, kind="stable")  # the circuits still running form a prefix
         heads, need = heads[order], need[order]
@@ -307,30 +268,36 @@ class MeanAblatedCircuits:
         t0 = self._sync()
         n = len(heads)
         keep = torch.as_tensor(heads, device=w.device)
-        top = int(need[0])
-        sums = {layer: torch.zeros((int((need >= layer).sum()), self._width(layer), w.d_model),
-                                   device=w.device)
-                for layer in range(start, top + 1)}
+        last = int(need[0])
+        sums = {layer: torch.zeros((int((need >= layer).sum()), self._width(layer, top),
+                                    w.d_model), device=w.device)
+                for layer in range(start, last + 1)}
         for rows in self._chunks(self.R, n):
-            x = self.mean_states[start][rows][None].expand(n, -1, -1, -1)
-            for layer in range(start, top + 1):
+            x = self._start(self.mean_states[start], rows, start, top)
+            for layer in range(start, last + 1):
                 k = len(sums[layer])
-                x, _ = attention_update(w, layer, x[:k], keep[:k, layer], self.z_mean[layer],
-                                        self._positions(layer, x.shape[1]))
+                x, _ = attention_update(w, layer, x[:k], keep[:k, layer],
+                                        self._z_mean(layer, top),
+                                        self._positions(layer, x.shape[1], top))
                 m = mlp_output(w, layer, x)
                 sums[layer] += m.sum(1, dtype=torch.float32)
                 x = x + m
-                self.timing["means_row_layers"] += k * (rows.stop - rows.start)
-        for layer, s in sums.items():
-            for i in range(len(s)):
-                self._remember(self._key(heads[i], layer), (s[i] / self.R).to(w.dtype))
+                self.timing["means_row_layers"] += k * (rows.stop - rows.start) * \
+                    self._width(layer, top) / self.T
+        out = {}
+        for layer, sm in sums.items():
+            for i in range(len(sm)):
+                out[heads[i].tobytes(), layer] = mean = (sm[i] / self.R).to(w.dtype)
+                self.memo.put(heads[i], layer, mean)
         self.timing["means_s"] += self._sync() - t0
+        return out
 
     @torch.no_grad()
-    def _circuit_scores(self, heads: np.ndarray, mlps: np.ndarray, start: int,
+    def _circuit_scores(self, heads: np.ndarray, mlps: np.ndarray, start: int, top: int,
                         means: list[list[torch.Tensor | None]]) -> torch.Tensor:
-        """Logit differences [n, N] of circuits agreeing with the base below layer
-        ``start``; ``means[i][l]``: circuit i's MLP mean where its MLP l is ablated."""
+        """Logit differences [n, N] of circuits that agree with the base below layer
+        ``start`` and keep no head above layer ``top``; ``means[i][l]``: circuit
+        i's MLP mean where its MLP l is ablated (at the positions computed there)."""
         w, L = self.w, self.L
         self._advance_task(start)
         t0 = self._sync()
@@ -347,13 +314,14 @@ class MeanAblatedCircuits:
             stacked[layer] = torch.stack([like if r is None else r for r in rows_l])
         out = torch.empty((n, self.N), device=w.device)
         for rows in self._chunks(self.N, n):
-            x = self.task_states[start][rows][None].expand(n, -1, -1, -1)
+            x = self._start(self.task_states[start], rows, start, top)
             for layer in range(start, L):
-                x, _ = attention_update(w, layer, x, keep[:, layer], self.z_mean[layer],
-                                        self._positions(layer, x.shape[1]))
+                x, _ = attention_update(w, layer, x, keep[:, layer], self._z_mean(layer, top),
+                                        self._positions(layer, x.shape[1], top))
                 x = mlp_update(w, layer, x, keep_mlp[:, layer], stacked[layer])
+                self.timing["trials_row_layers"] += n * (rows.stop - rows.start) * \
+                    self._width(layer, top) / self.T
             out[:, rows] = self._logit_diffs(x, rows)
-            self.timing["trials_row_layers"] += n * (rows.stop - rows.start) * (L - start)
         self.timing["trials_s"] += self._sync() - t0
         return out
 
@@ -372,46 +340,51 @@ class MeanAblatedCircuits:
         P = len(heads)
         lh = np.array([first_difference(h, self.base_heads) for h in heads])
         lm = np.array([first_difference(m, self.base_mlps) for m in mlps])
+        # the highest layer with a kept head (-1: none); above it only the last position
+        has_head = np.asarray(heads.any(axis=2))  # [P, L]
+        top = np.where(has_head.any(axis=1), self.L - 1 - np.argmax(has_head[:, ::-1], axis=1),
+                       -1)
         # 1) MLP means: from the base below the first changed head layer, else own passes
-        todo: dict[int, dict[bytes, tuple[np.ndarray, int]]] = {}
+        todo: dict[tuple[int, int], dict[bytes, tuple[np.ndarray, int]]] = {}
         for i in range(P):
             missing = [int(layer) for layer in np.flatnonzero(~mlps[i]) if layer >= lh[i]
-                       and self._recall(self._key(heads[i], int(layer))) is None]
+                       and self.memo.get(heads[i], int(layer),
+                                         self._width(int(layer), int(top[i]))) is None]
             if missing:
-                group = todo.setdefault(int(lh[i]), {})
+                group = todo.setdefault((int(lh[i]), int(top[i])), {})
                 key = heads[i].tobytes()
-                top = max(max(missing), group.get(key, (heads[i], -1))[1])
-                group[key] = (heads[i], top)
-        for start, group in sorted(todo.items()):
+                last = max(max(missing), group.get(key, (heads[i], -1))[1])
+                group[key] = (heads[i], last)
+        fresh: dict[tuple[bytes, int], torch.Tensor] = {}  # this call's, in case of eviction
+        for (start, high), group in sorted(todo.items()):
             members = list(group.values())
-            self._circuit_means(np.stack([h for h, _ in members]), start,
-                                np.array([t for _, t in members]))
+            fresh.update(self._circuit_means(np.stack([h for h, _ in members]), start, high,
+                                             np.array([t for _, t in members])))
         means: list[list[torch.Tensor | None]] = []
         for i in range(P):
             row: list[torch.Tensor | None] = [None] * self.L
-            for layer in np.flatnonzero(~mlps[i]):
+            for layer in np.flatnonzero(np.logical_not(mlps[i])).tolist():
+                width = self._width(layer, int(top[i]))
                 if layer < lh[i]:
-                    row[layer] = self._base_mean(int(layer))
-                else:
-                    got = self._recall(self._key(heads[i], int(layer)))
-                    if got is None:  # evicted since: run this circuit's pass alone
-                        self._circuit_means(heads[i][None], int(lh[i]), np.array([layer]))
-                        got = self.memo[self._key(heads[i], int(layer))]
-                    row[layer] = got
+                    row[layer] = self._base_mean(layer, width)
+                    continue
+                got = fresh.get((heads[i].tobytes(), layer))
+                if got is None:
+                    got = self.memo.get(heads[i], layer, width)
+                if got is None:  # evicted since its pass: run this circuit's pass alone
+                    got = self._circuit_means(heads[i][None], int(lh[i]), int(top[i]),
+                                              np.array([layer]))[heads[i].tobytes(), layer]
+                row[layer] = got[-width:]
             means.append(row)
         # 2) the prompts, from the base's states at the first changed layer
         out = torch.empty((P, self.N), device=self.w.device)
         start = np.minimum(lh, lm)
-        for s in np.unique(start):
-            idx = np.flatnonzero(start == s)
+        for s, high in sorted({(int(a), int(b)) for a, b in zip(start, top, strict=True)}):
+            idx = np.flatnonzero((start == s) & (top == high))
+            where = torch.as_tensor(idx, device=out.device)
             if s == self.L:  # the base itself
-                out[torch.as_tensor(idx, device=out.device)] = self.base_logit_diff()
+                out[where] = self.base_logit_diff()
                 continue
-            got = self._circuit_scores(heads[idx], mlps[idx], int(s), [means[i] for i in idx])
-            out[torch.as_tensor(idx, device=out.device)] = got
+            out[where] = self._circuit_scores(heads[idx], mlps[idx], s, high,
+                                              [means[i] for i in idx])
         return out
-
-    def cache_bytes(self) -> str:
-        """Size of the cached states, for messages."""
-        elem = element_bytes(self.w.dtype)
-        return format_bytes(self.L * (self.R + self.N) * self.T * self.w.d_model * elem)

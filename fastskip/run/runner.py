@@ -27,8 +27,9 @@ from ..results import Results
 from . import precision
 from .answer_metrics import MetricTables, warn_nonfinite
 from .batch_cache import BatchCache
+from .circuit_inputs import circuit_inputs
 from .masked_executor import MaskedExecutor
-from .mean_circuits import MeanAblatedCircuits, circuit_inputs
+from .mean_circuits import MeanAblatedCircuits
 from .memory import MemorySizes, default_memory, memory_sizes, parse_memory, split_budget
 from .progress import with_progress
 from .sources import Sources, sources_for_batch, sources_for_tokens

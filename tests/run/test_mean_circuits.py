@@ -52,11 +52,11 @@ def near(rng, base, k):
     return heads, mlps
 
 
-def check_rounds(model, runner, rounds: int, seed: int, **kw):
+def check_rounds(model, runner, rounds: int, seed: int, memo_capacity: int | None = None):
     prompts, answers, wrong, means = paper_inputs(model)
     circuits = runner.mean_ablated_circuits(prompts, answers, wrong, means)
-    for name, value in kw.items():
-        setattr(circuits, name, value)
+    if memo_capacity is not None:
+        circuits.memo.capacity = memo_capacity
     ref = SeqcontReference(model, prompts, answers, wrong, means)
     L, H = runner.n_layers, runner.n_heads
     rng = np.random.default_rng(seed)
@@ -91,7 +91,7 @@ def test_tiny_memo_and_row_chunks_give_the_same_scores():
     prompts, answers, wrong, means = paper_inputs(model)
     circuits = runner.mean_ablated_circuits(prompts, answers, wrong, means)
     assert circuits.work // circuits.row_bytes < len(means)  # the mean prompts run in chunks
-    check_rounds(model, runner, rounds=2, seed=1, memo_size=2)
+    check_rounds(model, runner, rounds=2, seed=1, memo_capacity=2)
 
 
 @pytest.mark.slow
@@ -100,29 +100,36 @@ def test_gpt2_small_random_circuits_equal_the_hooks(gpt2_random, gpt2_runner):
 
 
 def test_work_is_shared_with_the_base():
+    """Work in (prompt rows x layers) at every position; a layer at the last
+    position only counts 1/T."""
     model = MODELS["lnpre"]()
     runner = fs.Runner(model)
     circuits = runner.mean_ablated_circuits(*paper_inputs(model))
     L, H = runner.n_layers, runner.n_heads
-    R, N = circuits.R, circuits.N
-    assert circuits.timing["means_row_layers"] == R * L  # the full model's pass
+    R, N, T = circuits.R, circuits.N, circuits.T
+    work = circuits.timing
+    assert work["means_row_layers"] == pytest.approx(R * (L - 1 + 1 / T))  # the full model
     heads, mlps = np.ones((1, L, H), bool), np.ones((1, L), bool)
     mlps[0, 1] = False
     circuits.logit_diff(heads, mlps)  # an MLP trial: the full model's MLP means serve
-    assert circuits.timing["means_row_layers"] == R * L
-    base_task = N * L  # the base's pass over the prompts (to layer 1 and on to the end)
-    assert circuits.timing["trials_row_layers"] == N * 1 + N * (L - 1)
+    assert work["means_row_layers"] == pytest.approx(R * (L - 1 + 1 / T))
+    # the base's layer 0, then the trial from layer 1 (the last layer at the last position)
+    assert work["trials_row_layers"] == pytest.approx(N + N + N / T)
     heads[0, 2, 0] = False  # a head trial at the last layer with MLP 1 ablated: no means pass
     circuits.logit_diff(heads, mlps)
-    assert circuits.timing["means_row_layers"] == R * L
+    assert work["means_row_layers"] == pytest.approx(R * (L - 1 + 1 / T))
     circuits.set_base(heads[0], mlps[0])
-    heads2, mlps2 = heads.copy(), mlps.copy()
-    heads2[0, 0, 1] = False  # a head trial at layer 0 with MLP 1 ablated: means of layers 0-1
-    circuits.logit_diff(heads2, mlps2)
-    assert circuits.timing["means_row_layers"] == R * L + 2 * R
-    assert circuits.timing["trials_row_layers"] <= base_task + N * L + N * (L - 2) + N * L
-    assert first_difference(heads2[0], heads[0]) == 0
-    assert first_difference(mlps2[0], mlps2[0]) == L
+    trial = heads.copy()
+    trial[0, 0, 1] = False  # a head trial at layer 0 with MLP 1 ablated: means of layers 0-1
+    circuits.logit_diff(trial, mlps)
+    assert work["means_row_layers"] == pytest.approx(R * (L - 1 + 1 / T) + 2 * R)
+    before = work["trials_row_layers"]
+    sparse = np.zeros((1, L, H), bool)
+    sparse[0, 0, 2] = True  # a circuit whose only head is in layer 0: above it, the last
+    circuits.logit_diff(sparse, mlps)  # position only, for the prompts and the mean prompts
+    assert work["trials_row_layers"] - before == pytest.approx(N / T * L)
+    assert first_difference(trial[0], heads[0]) == 0
+    assert first_difference(mlps[0], mlps[0]) == L
 
 
 def test_prompts_of_different_token_lengths_are_refused():

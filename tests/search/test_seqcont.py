@@ -106,6 +106,30 @@ def test_the_shipped_data_is_found_through_importlib_resources():
     assert (7, 11) in pub["numerals"]["heads"] and len(pub["months"]["heads"]) == 13
 
 
+@pytest.mark.slow
+def test_a_built_wheel_ships_the_data(tmp_path):
+    """A non-editable install gets the data: the wheel pip builds from the checkout
+    holds every file ``load_seqcont`` and ``published_circuits`` read."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "-q",
+                          "-w", str(tmp_path)], capture_output=True, text=True)
+    if run.returncode != 0:
+        pytest.skip(f"pip could not build a wheel here (needs setuptools from the package "
+                    f"index): {run.stderr.strip().splitlines()[-1:]}")
+    (wheel,) = tmp_path.glob("fastskip-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    base = "fastskip/search/data/seqcont"
+    want = {f"{base}/{t}/{f}.json" for t in seqcont_data.SEQCONT_TASKS
+            for f in (*seqcont_data.TEMPLATES, "random")}
+    want |= {f"{base}/{seqcont_data.PUBLISHED_FILE}", f"{base}/README.md"}
+    assert want <= names
+
+
 @pytest.mark.parametrize("name", seqcont_data.SEQCONT_TASKS)
 def test_gpt2s_tokenizer_keeps_all_1536_prompts_of_23_tokens(name):
     with warnings.catch_warnings():
