@@ -13,11 +13,14 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FastskipError, InputError
 from ..output import tables
 from ..prompt_files import read_prompts
+
+if TYPE_CHECKING:
+    from ..search.node_search import Algorithm
 
 Args = argparse.Namespace
 
@@ -265,21 +268,94 @@ def trace_pairs(result: Any) -> list[tuple[str, float]] | None:
     return None
 
 
+def load_search_task(args: Args, runner: Any) -> Any:
+    """The task of ``fastskip search``: ``--data seqcont`` loads the paper's prompts
+    (token lengths by the runner's tokenizer), else as ``load_task``."""
+    if args.data != "seqcont":
+        return load_task(args)
+    from ..search import tasks
+
+    try:
+        task = tasks.load_seqcont(args.task, args.n_per_template, model=runner.model)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if args.n_mean is not None:
+        if args.n_mean < 1:
+            raise InputError(f"--n-mean must be >= 1, got {args.n_mean}")
+        task.mean_prompts = (task.mean_prompts or [])[: args.n_mean]
+    if task.dropped or task.dropped_mean:
+        say(args, f"dropped {task.dropped} prompts and {task.dropped_mean} mean prompts of "
+                  "another token length")
+    return task
+
+
+def check_search_args(args: Args) -> Algorithm:
+    """Check the ``search`` options before loading a model; returns the algorithm."""
+    if args.data == "seqcont":
+        from ..search.seqcont_data import ALIASES, SEQCONT_TASKS
+
+        if args.prompts:
+            raise InputError("--data seqcont takes --task numerals, numwords or months, not "
+                             "--prompts")
+        if ALIASES.get(args.task, args.task) not in SEQCONT_TASKS:
+            raise InputError(f"--data seqcont has tasks {', '.join(SEQCONT_TASKS)}, not "
+                             f"'{args.task}'")
+    algorithm: Algorithm = args.algorithm or ("seqcont" if args.data == "seqcont"
+                                              else "backward")
+    if args.method != "prune-nodes" and (args.algorithm or args.out):
+        raise InputError("--algorithm and --out are options of prune-nodes")
+    return algorithm
+
+
+def circuit_json(result: Any, args: Args, runner: Any, task: Any) -> dict[str, Any]:
+    """A node circuit in the paper's format (``heads`` as [layer, head] pairs, ``mlps``
+    as layers) plus its scores (percent of the full model's) and every trial."""
+    return {
+        "heads": [[int(a), int(b)] for a, b in result.kept_heads],
+        "mlps": [int(m) for m in result.kept_mlps],
+        "score_percent": 100 * result.score, "full_logit_diff": result.full_logit_diff,
+        "threshold": result.threshold, "algorithm": result.algorithm, "passes": result.passes,
+        "task": task_name(args), "data": args.data, "model": args.model,
+        "prompts": len(task.prompts),
+        "mean_prompts": len(getattr(task, "mean_prompts", None) or []),
+        "trials": [{"candidate": s.candidate, "removed": s.removed,
+                    "score_percent": 100 * s.score, "pass": s.pass_no} for s in result.trace],
+    }
+
+
 def cmd_search(args: Args) -> int:
     """``fastskip search``: prune nodes or layers with fastskip.search."""
+    from ..files import write_json
     from ..search import LayerPruneResult, PruneResult, prune_layers, prune_nodes
 
-    task = load_task(args)
+    algorithm = check_search_args(args)
+    task = load_task(args) if args.data != "seqcont" else None
     runner = load_runner(args)
+    if task is None:
+        task = load_search_task(args, runner)
     result: PruneResult | LayerPruneResult
     if args.method == "prune-nodes":
-        result = prune_nodes(runner, task, threshold=args.threshold)
+        bar = None if algorithm == "backward" else (not args.quiet and interactive())
+        result = prune_nodes(runner, task, threshold=args.threshold, algorithm=algorithm,
+                             progress=bar)
     else:
         result = prune_layers(runner, task, units=args.units, threshold=args.threshold)
     print(f"plan: {result.plan}")
+    if isinstance(result, PruneResult) and result.algorithm == "seqcont":
+        print(f"heads ({len(result.kept_heads)}): {[list(h) for h in result.kept_heads]}")
+        print(f"mlps ({len(result.kept_mlps)}): {result.kept_mlps}")
+        print(f"score: {100 * result.score:.2f}% of the full model's mean logit difference "
+              f"({result.passes} passes, {len(result.trace)} trials)")
+        close = result.stats.get("close_calls") or []
+        if close:
+            print(f"note: {len(close)} trial(s) scored within 1e-6 of the threshold; fp32 "
+                  f"round-off may decide them either way: {', '.join(close)}")
     for name in ("score", "threshold", "full_logit_diff"):
         if isinstance(getattr(result, name, None), (int, float)):
             print(f"{name}: {getattr(result, name):.4g}")
+    if args.out:
+        write_json(args.out, circuit_json(result, args, runner, task))
+        print(f"circuit -> {args.out}")
     pairs = trace_pairs(result)
     if pairs:
         print("\nscore (fraction of the full model's) after each removal:")

@@ -144,13 +144,36 @@ def build_parser() -> Parser:
     p = _sub(subs, "search", "Find a small plan that keeps the task's score (pruning).",
              "The score is the mean logit difference (answer minus wrong answer) as a "
              "fraction of the full model's. prune-nodes walks heads and MLPs from the last "
-             "layer back and removes each one whose removal keeps the score >= --threshold; "
+             "layer back and removes each one whose removal keeps the score >= --threshold "
+             "(--algorithm backward), or runs the paper's search exactly as its code does "
+             "(--algorithm seqcont: mean ablation over the paper's random prompts, passes "
+             "alternating until nothing changes, removal strictly above the threshold); "
              "prune-layers greedily removes the unit (--units) whose removal hurts least. "
-             "Needs wrong answers: a --task, or a prompt file with a third column.",
+             "Needs wrong answers: a --task, or a prompt file with a third column. "
+             "--data seqcont takes the paper's prompts for --task numerals, numwords or "
+             "months.",
+             "  fastskip search prune-nodes --task numerals --data seqcont --algorithm seqcont \\\n"
+             "      --threshold 0.8 --out circuit.json --plot trace.png\n"
              "  fastskip search prune-nodes --task months --threshold 0.8 --plot trace.png\n"
              "  fastskip search prune-layers --prompts prompts.tsv --units block", [model])
     p.add_argument("method", choices=("prune-nodes", "prune-layers"))
     _prompt_options(p)
+    p.add_argument("--data", default="templates", choices=("templates", "seqcont"),
+                   help="--task's prompts: fastskip's templates (default) or the paper's "
+                        "(seqcont: numerals, numwords, months; mean-ablation prompts included)")
+    p.add_argument("--n-per-template", type=int, default=512, metavar="N",
+                   help="--data seqcont: prompts of each of its 3 templates (default 512, the "
+                        "paper's)")
+    p.add_argument("--n-mean", type=int, metavar="N",
+                   help="--data seqcont: mean-ablate over the first N of its 1,536 random "
+                        "prompts (default: all, the paper's)")
+    p.add_argument("--algorithm", choices=("backward", "seqcont"),
+                   help="prune-nodes: backward (fastskip's walk, zero ablation) or seqcont "
+                        "(the paper's search); default: seqcont with --data seqcont, else "
+                        "backward")
+    p.add_argument("--out", "-o", metavar="FILE",
+                   help="prune-nodes: write the circuit as JSON in the paper's format "
+                        "({\"heads\": [[layer, head], ...], \"mlps\": [...]}) plus the scores")
     p.add_argument("--threshold", type=float, default=0.8,
                    help="keep at least this fraction of the full model's score (default 0.8)")
     p.add_argument("--units", default="block", choices=("block", "component"),

@@ -29,7 +29,9 @@ from ..results import Results
 from . import precision as reduced
 from .answer_metrics import MetricTables, warn_nonfinite
 from .batch_cache import BatchCache
+from .circuit_inputs import circuit_inputs
 from .masked_executor import MaskedExecutor
+from .mean_circuits import MeanAblatedCircuits
 from .memory import (
     MemorySizes,
     default_memory,
@@ -332,6 +334,21 @@ class Runner:
             self._calls += 1
             verify_logit_diff(self, ps, batch, cols[:, 1], out, self.verify, self._calls, abl)
         return out
+
+    def mean_ablated_circuits(self, prompts: Sequence[str], answers: Sequence[str],
+                              wrong_answers: Sequence[str], mean_prompts: Sequence[str],
+                              prepend_bos: bool = False) -> MeanAblatedCircuits:
+        """Scores of head/MLP circuits under the mean ablation of Lan & Barez's
+        circuit search (heads outside the circuit at their full-model mean z, MLPs
+        at their mean output under the circuit's own head ablation; per position,
+        over ``mean_prompts``), for the searches that call it trial after trial:
+        it keeps the current circuit's states and shares them
+        (``fastskip.run.mean_circuits``). Prompts must share one token length
+        (without BOS by default, as the paper tokenizes); the last position is scored.
+        """
+        tokens, cols, mean_tokens = circuit_inputs(self.model, prompts, answers, wrong_answers,
+                                                   mean_prompts, prepend_bos, self.device)
+        return MeanAblatedCircuits(self.weights, tokens, cols, mean_tokens, self.max_memory)
 
     # -- internals -------------------------------------------------------------
     def asked_logits(self, ps: PlanSet, batch: PromptBatch, ablation: Ablation | None = None

@@ -6,15 +6,24 @@ they run on (``fs.tasks``).
     task = fs.tasks.make_task("numerals", n=32)
     res = fs.search.prune_nodes(runner, task, threshold=0.8)
     print(res.plan, res.kept_heads, res.kept_mlps)
+
+    # the paper's search on the paper's prompts, as its code runs it
+    task = fs.tasks.load_seqcont("numerals", n_per_template=512, model=runner)
+    res = fs.search.prune_nodes(runner, task, threshold=0.8, algorithm="seqcont")
 """
 
 from .interactions import InteractionResult, interactions
 from .layers import ExhaustiveResult, LayerPruneResult, exhaustive, prune_layers
-from .nodes import PruneResult, Step, prune_nodes, prune_nodes_sequential
+from .node_search import ALGORITHMS, prune_nodes
+from .nodes import PruneResult, Step, prune_nodes_sequential
 from .scores import accuracy, mean_kl, mean_logit_diff, percent, score
+from .seqcont import prune_nodes_seqcont
+from .seqcont_reference import prune_nodes_seqcont_reference
 
 __all__ = [
-    "ExhaustiveResult", "InteractionResult", "LayerPruneResult", "PruneResult", "Step",
+    "ALGORITHMS", "ExhaustiveResult", "InteractionResult", "LayerPruneResult", "PruneResult",
+    "Step",
     "accuracy", "exhaustive", "interactions", "mean_kl", "mean_logit_diff", "percent",
-    "prune_layers", "prune_nodes", "prune_nodes_sequential", "score",
+    "prune_layers", "prune_nodes", "prune_nodes_seqcont", "prune_nodes_seqcont_reference",
+    "prune_nodes_sequential", "score",
 ]

@@ -66,20 +66,32 @@ def resolve_inputs(task: TaskArg = None, prompts: Sequence[str] | None = None,
     return Inputs(**lists)
 
 
+def mean_prompts_of(task: TaskArg) -> list[str] | None:
+    """The prompts whose per-position means mean-ablate for ``task``: its
+    ``mean_prompts`` when it has them (the paper's data), else its
+    ``corrupted`` prompts; None when it has neither."""
+    for name in ("mean_prompts", "corrupted"):
+        prompts = getattr(task, name, None)
+        if prompts:
+            return list(prompts)
+    return None
+
+
 def resolve_ablation(ablation: AblationArg, task: TaskArg = None) -> Ablation | str | None:
     """``ablation`` as given, except "mean" / "resample" (strings), which take
-    the task's ``corrupted`` prompts as their source (``fs.Ablation.mean(
-    task.corrupted)`` / ``fs.Ablation.resample(task.corrupted)``)."""
+    their source prompts from the task: "mean" its ``mean_prompts`` when present,
+    else its ``corrupted`` prompts (``fs.Ablation.mean(task.mean_prompts or
+    task.corrupted)``); "resample" its ``corrupted`` prompts
+    (``fs.Ablation.resample(task.corrupted)``)."""
     if not isinstance(ablation, str) or ablation not in ("mean", "resample"):
         return ablation
-    corrupted = getattr(task, "corrupted", None)
-    if not corrupted:
+    source = mean_prompts_of(task) if ablation == "mean" else getattr(task, "corrupted", None)
+    if not source:
         raise InputError(f"ablation='{ablation}' takes its source prompts from the task's "
-                         f"corrupted prompts; pass a Task or fs.Ablation.{ablation}(prompts)")
-    from ..ablation import Ablation
-
+                         f"{'mean or ' if ablation == 'mean' else ''}corrupted prompts; pass a "
+                         f"Task or fs.Ablation.{ablation}(prompts)")
     make = Ablation.mean if ablation == "mean" else Ablation.resample
-    return make(list(corrupted))
+    return make(list(source))
 
 
 def mask_set(heads: np.ndarray, mlp: np.ndarray, attn: np.ndarray | None = None) -> PlanSet:

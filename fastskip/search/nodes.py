@@ -1,4 +1,5 @@
-"""Iterative node pruning: the circuit search of Lan & Barez.
+"""Iterative node pruning, fastskip's "backward" variant
+(``prune_nodes(..., algorithm="backward")``, the default).
 
 Start from the full model. Walk the candidates backward (layer L-1 to 0; in each
 layer the MLP first, then the heads from last to first); ablate each candidate on
@@ -10,6 +11,14 @@ heads first to last, then the MLP).
     task = fs.tasks.make_task("numerals", n=32)
     res = fs.search.prune_nodes(runner, task, threshold=0.8)
     print(res.plan, res.kept_heads, res.kept_mlps)
+
+It follows the idea of Lan & Barez's search but not their code: the paper's
+algorithm (``algorithm="seqcont"``, ``fastskip.search.seqcont``) walks a layer's
+heads first to last, removes only strictly above the threshold, alternates
+passes until one removes nothing, mean-ablates every trial with MLP means taken
+under that trial's head ablation, and scores the last position without BOS.
+Here the ablation is any ``fs.Ablation`` (zero by default; "mean" takes MLP and
+head means from the full model), and one or two passes are made.
 
 Removing heads keeps the layer's attention output bias (as zeroing the heads'
 ``hook_z`` does); the plan then reads e.g. ``9.attn,-9.0-11``.
@@ -72,6 +81,8 @@ class PruneResult:
     threshold: float
     full_logit_diff: float
     stats: dict[str, Any] = field(default_factory=dict)
+    passes: int = 1  # passes over the candidates (backward, forward, ...)
+    algorithm: str = "backward"  # "backward" (this module) or "seqcont" (the paper's)
 
     @property
     def removed(self) -> list[str]:
@@ -118,14 +129,14 @@ def state_plan(state: State) -> Plan:
 
 
 def _result(state: State, trace: list[Step], threshold: float, full: float,
-            stats: dict[str, Any]) -> PruneResult:
+            stats: dict[str, Any], passes: int) -> PruneResult:
     heads, mlp = state
     return PruneResult(
         plan=state_plan(state),
         kept_heads=[(int(L), int(h)) for L, h in zip(*np.nonzero(heads), strict=True)],
         kept_mlps=[int(L) for L in np.flatnonzero(mlp)],
         score=trace[-1].circuit_score if trace else 1.0, trace=trace, threshold=threshold,
-        full_logit_diff=full, stats=stats)
+        full_logit_diff=full, stats=stats, passes=passes)
 
 
 def prune_nodes(runner: Runner, task: TaskArg = None, *, prompts: Sequence[str] | None = None,
@@ -188,7 +199,7 @@ def prune_nodes(runner: Runner, task: TaskArg = None, *, prompts: Sequence[str] 
         bar.close()
     info = dict(runner_calls=ev.calls, plans_evaluated=ev.plans, wasted=stats.wasted,
                 decided_per_call=stats.per_call)
-    return _result(state, trace, threshold, full, info)
+    return _result(state, trace, threshold, full, info, 2 if second_pass else 1)
 
 
 # --------------------------------------------------------------------------- reference
@@ -274,4 +285,5 @@ def prune_nodes_sequential(model: HookedTransformer, task: TaskArg = None, *,
             if removed:
                 state, circuit = trial, score
             trace.append(Step(candidate_name(c), removed, score, circuit, pass_no))
-    return _result(state, trace, threshold, full, dict(run_with_hooks_calls=len(trace) + 1))
+    return _result(state, trace, threshold, full, dict(run_with_hooks_calls=len(trace) + 1),
+                   2 if second_pass else 1)

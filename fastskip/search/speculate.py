@@ -2,7 +2,8 @@
 
 The walk decides candidates one at a time: candidate j is evaluated on the
 circuit left by the decisions on candidates before it, and removed for good
-when its score stays >= the threshold. Each decision depends on all earlier
+when its score stays >= the threshold (or passes another rule, ``removes``: the
+paper's search removes strictly above it). Each decision depends on all earlier
 ones, so the plain walk makes one model call per candidate.
 
 Here one ``runner.run`` call evaluates up to ``batch`` plans: candidate j under
@@ -91,14 +92,17 @@ def walk(candidates: Sequence[object], state: object, threshold: float,
          remove: Callable[[object, object], object],
          record: Callable[[int, bool, float], None],
          batch: int = 32, speculate: str = "adaptive", stats: WalkStats | None = None,
-         min_prob: float | None = None, score: float = 1.0) -> object:
+         min_prob: float | None = None, score: float = 1.0,
+         removes: Callable[[float], bool] | None = None) -> object:
     """Decide every candidate in order; returns the final state.
 
     ``remove(state, candidate)`` returns a new state without the candidate;
     ``evaluate(states)`` scores states in one call; ``record(index, removed,
     score)`` is told every decision in order; ``score`` is the score of
-    ``state``. A call evaluates at most ``batch`` states, none on a path less
+    ``state``. A candidate is removed when ``removes(score)`` (default: score >=
+    ``threshold``). A call evaluates at most ``batch`` states, none on a path less
     likely than ``min_prob`` (default ``MIN_PROB`` for "adaptive", 0 for "keep")."""
+    passes: Callable[[float], bool] = removes or (lambda s: s >= threshold)
     if speculate not in SPECULATE:
         raise ValueError(f"speculate must be one of {SPECULATE}, got '{speculate}'")
     if batch < 1:
@@ -140,10 +144,10 @@ def walk(candidates: Sequence[object], state: object, threshold: float,
         real: Path = ()
         while i < n and real in where:
             s = float(scores[where[real]])
-            rem = s >= threshold
+            rem = passes(s)
             if i in effect and math.isfinite(s) and math.isfinite(score + effect[i]):
                 errors.append(abs(s - score - effect[i]))
-                hits += (score + effect[i] >= threshold) == rem
+                hits += passes(score + effect[i]) == rem
                 predicted += 1
             if rem:
                 state, score = remove(state, candidates[i]), s

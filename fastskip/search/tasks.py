@@ -38,6 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import seqcont_data
+from .seqcont_data import SEQCONT_TASKS, published_circuits
+
 TASKS = ("numerals", "number_words", "months", "days", "letters")
 
 _WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
@@ -72,13 +75,23 @@ NAMES = ("Alice", "Bob", "Carl", "Dan", "Eve", "Frank", "Grace", "Henry", "Ivy",
 
 @dataclass
 class Task:
-    """Prompts with their answers, wrong answers and corrupted twins (one each)."""
+    """Prompts with their answers, wrong answers and corrupted twins (one each).
+
+    ``mean_prompts``: the prompts whose per-position means mean-ablate (the
+    paper's data sets them: every prompt of its ``random.json``); None means
+    the corrupted prompts serve (``fastskip.search.common.resolve_ablation``).
+    ``dropped`` / ``dropped_mean``: prompts / mean prompts left out when the
+    task was loaded (``load_seqcont`` drops those whose token length differs
+    from the majority's)."""
 
     name: str
     prompts: list[str]
     answers: list[str]  # the correct next member, with a leading space, e.g. " 5"
     wrong_answers: list[str]  # the last member of the prompt repeated, e.g. " 4"
     corrupted: list[str]  # same template/length, members replaced by random members
+    mean_prompts: list[str] | None = None
+    dropped: int = 0
+    dropped_mean: int = 0
 
     def subset(self, index: Sequence[int] | Sequence[bool] | np.ndarray | slice) -> Task:
         """The prompts at ``index`` (integers, a boolean mask or a slice), in that order."""
@@ -94,7 +107,8 @@ class Task:
             idx = arr.astype(np.int64).reshape(-1)
         pick = lambda xs: [xs[int(i)] for i in idx]  # noqa: E731
         return Task(self.name, pick(self.prompts), pick(self.answers),
-                    pick(self.wrong_answers), pick(self.corrupted))
+                    pick(self.wrong_answers), pick(self.corrupted), self.mean_prompts,
+                    self.dropped, self.dropped_mean)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -177,6 +191,26 @@ def make_task(name: str, n: int = 32, seed: int = 0, templated: bool = False,
     return Task(name, prompts, answers, wrong, corrupted)
 
 
+def load_seqcont(task: str, n_per_template: int = 512, model: object = None) -> Task:
+    """The paper's prompts for ``task`` (numerals, numwords or months), shipped
+    with fastskip (``fastskip/search/data/seqcont``, from apartresearch/seqcont_circuits).
+
+    The first ``n_per_template`` prompts (at most 1,024) of each template (done,
+    lost, names), with their answers (``corr``) and wrong answers (``incorr``:
+    the last member repeated); ``corrupted[i]`` is prompt i's twin in
+    ``random.json`` (same names, random members; for the first 512 of a
+    template, cycled beyond); ``mean_prompts`` is every prompt of
+    ``random.json`` (the mean-ablation set). ``model``: a HookedTransformer
+    (or a Runner) whose tokenizer measures token lengths (without BOS, as the
+    paper tokenizes); None uses GPT-2's. Per-position means need one token
+    length: prompts (with their twins) and mean prompts whose length differs
+    from the majority of the prompts' are dropped; ``task.dropped`` and
+    ``task.dropped_mean`` count them, and a warning says how many.
+    """
+    got = seqcont_data.load_prompts(task, n_per_template, model)
+    return Task(**got)
+
+
 def filter_correct(task: Task, runner: object, top: int = 0,
                    prepend_bos: bool | None = None) -> Task:
     """The prompts whose answer's first token has rank <= ``top`` under the full
@@ -187,4 +221,5 @@ def filter_correct(task: Task, runner: object, top: int = 0,
     return task.subset(keep)
 
 
-__all__ = ["TASKS", "Task", "make_task", "filter_correct", "MEMBERS", "TEMPLATES", "NAMES"]
+__all__ = ["TASKS", "Task", "make_task", "filter_correct", "MEMBERS", "TEMPLATES", "NAMES",
+           "SEQCONT_TASKS", "load_seqcont", "published_circuits"]
