@@ -157,6 +157,9 @@ class EdgePlanSet(Sequence[EdgePlan]):
     __hash__ = None  # type: ignore[assignment]
 
 
+EdgePlansLike = EdgePlanLike | Sequence[EdgePlanLike] | EdgePlanSet  # what calls take
+
+
 def concat_edge_sets(*sets: EdgePlanSet) -> EdgePlanSet:
     """Edge plan sets of one graph, one after the other."""
     graph = sets[0].graph

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import OverflowWarning
-from ..plans import PlanSet
+from ..plans.planset import NamedPlans
 
 
 @dataclass
@@ -121,7 +121,7 @@ class MetricTables:
         self.nonfinite[:, pad] = False
 
 
-def warn_nonfinite(nonfinite: torch.Tensor, ps: PlanSet) -> None:
+def warn_nonfinite(nonfinite: torch.Tensor, ps: NamedPlans) -> None:
     """Warn, naming a plan, when some rows overflowed (their ranks are -1)."""
     bad = nonfinite.flatten(1).any(dim=1).nonzero().flatten().tolist()
     if bad:
