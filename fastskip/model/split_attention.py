@@ -12,34 +12,64 @@ from __future__ import annotations
 
 import torch
 
-from .blocks import NEG_INF, normalize, rotate
+from .blocks import NEG_INF, mlp_hidden, mlp_out, rotate
 from .weights import BlockConfig, LayerWeights, Rotary
+
+
+def receiver_norm(x: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+                  cfg: BlockConfig) -> torch.Tensor:
+    """A receiver's norm on its inputs x [n, B, T, d] as one fused kernel: edge
+    plans normalise every head's q, k and v input separately, so the norm runs
+    on tens of inputs per plan where node plans run it on one (the formula is
+    ``blocks.normalize``'s; fp32 inside, as there)."""
+    d = (x.shape[-1],)
+    h = x.float()
+    if cfg.norm in ("LN", "LNPre"):
+        out = torch.nn.functional.layer_norm(h, d, None, None, cfg.eps)
+    else:
+        out = torch.nn.functional.rms_norm(h, d, None, cfg.eps)
+    out = out.to(x.dtype)
+    if scale is not None:
+        out = out * scale
+    if bias is not None:
+        out = out + bias
+    return out
 
 
 def attention_norm(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig) -> torch.Tensor:
     """The norm before attention (``ln1``) on receiver inputs x [n, B, T, d]."""
-    return normalize(x, lw.ln1_w, lw.ln1_b, cfg, True)
+    return receiver_norm(x, lw.ln1_w, lw.ln1_b, cfg)
 
 
-def query(xn: torch.Tensor, lw: LayerWeights, cfg: BlockConfig, head: int,
-          rotary: Rotary | None) -> torch.Tensor:
-    """Queries [n, B, T, dh] of query head ``head`` from normed inputs xn [n, B, T, d]."""
-    cols = slice(head * cfg.d_head, (head + 1) * cfg.d_head)
-    return _rotated(xn @ lw.W_Q[:, cols] + lw.b_Q[cols], cfg, rotary)
+def mlp(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig) -> torch.Tensor:
+    """The MLP's output [n, B, T, d] from its receiver inputs x (``ln2`` fused)."""
+    xn = receiver_norm(x, lw.ln2_w, lw.ln2_b, cfg)
+    return mlp_out(mlp_hidden(xn, lw._replace(ln2_w=None, ln2_b=None), cfg, False), lw)
 
 
-def key(xn: torch.Tensor, lw: LayerWeights, cfg: BlockConfig, kv_head: int,
-        rotary: Rotary | None) -> torch.Tensor:
-    """Keys [n, B, T, dh] of key/value head ``kv_head`` (W_KV holds keys, then values)."""
-    cols = slice(kv_head * cfg.d_head, (kv_head + 1) * cfg.d_head)
-    return _rotated(xn @ lw.W_KV[:, cols] + lw.b_KV[cols], cfg, rotary)
+def head_weights(lw: LayerWeights, cfg: BlockConfig, kind: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head projection weights [heads, d, dh] and biases [heads, dh] of
+    ``kind`` "q" (query heads), "k" or "v" (key/value heads; W_KV holds keys, then
+    values), head-major so that one batched product serves every head."""
+    d, dh = lw.W_Q.shape[0], cfg.d_head  # (copied contiguous: 3 d^2 numbers per layer)
+    if kind == "q":
+        W, b, n = lw.W_Q, lw.b_Q, cfg.n_heads
+    else:
+        K = cfg.n_kv_heads
+        half = slice(0, K * dh) if kind == "k" else slice(K * dh, 2 * K * dh)
+        W, b, n = lw.W_KV[:, half], lw.b_KV[half], K
+    return W.reshape(d, n, dh).permute(1, 0, 2).contiguous(), b.reshape(n, dh)
 
 
-def value(xn: torch.Tensor, lw: LayerWeights, cfg: BlockConfig, kv_head: int) -> torch.Tensor:
-    """Values [n, B, T, dh] of key/value head ``kv_head``."""
-    start = (cfg.n_kv_heads + kv_head) * cfg.d_head
-    cols = slice(start, start + cfg.d_head)
-    return xn @ lw.W_KV[:, cols] + lw.b_KV[cols]
+def w_o_heads(lw: LayerWeights, cfg: BlockConfig) -> torch.Tensor:
+    """W_O split by query head: [H, dh, d] (a head's output, without b_O, is z @ it)."""
+    return lw.W_O.view(cfg.n_heads, cfg.d_head, -1)
+
+
+def rotated(x: torch.Tensor, cfg: BlockConfig, rotary: Rotary | None) -> torch.Tensor:
+    """Rotary positions 0..T-1 on queries or keys [n, B, T, dh] (None: unchanged)."""
+    return _rotated(x, cfg, rotary)
 
 
 def _rotated(x: torch.Tensor, cfg: BlockConfig, rotary: Rotary | None) -> torch.Tensor:
@@ -61,11 +91,6 @@ def attention_z(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: BlockCon
     allowed = pos[None, :] <= pos[:, None]
     pattern = torch.softmax(scores.masked_fill(~allowed, NEG_INF), dim=-1)
     return pattern @ v
-
-
-def w_o_rows(lw: LayerWeights, cfg: BlockConfig, head: int) -> torch.Tensor:
-    """Query head ``head``'s rows of W_O [dh, d]: its output (no b_O) is z @ them."""
-    return lw.W_O[head * cfg.d_head:(head + 1) * cfg.d_head]
 
 
 def head_outputs_of_z(z: torch.Tensor, lw: LayerWeights, cfg: BlockConfig) -> torch.Tensor:

@@ -39,6 +39,8 @@ import numpy as np
 from ..plans import EdgeGraph
 from ..plans.edge_graph import EMBED
 
+GATHER_PASSES = 3  # memory passes of one term (gather, add) against one row of a product
+
 
 @dataclass
 class DenseGroup:
@@ -220,10 +222,11 @@ def _formulas(num: _Numbering, info: dict[str, np.ndarray], stage: int) -> dict[
     use_corr = can & (corr_terms < direct_terms)
     terms = np.where(use_corr, corr_terms, direct_terms)
     owner = info["pp"][rep] if n else np.zeros(0, np.int64)
-    # a block product reads the owner's k live senders once; terms read a row each
+    # a block product reads the owner's k live senders once; a term gathers a row
+    # and adds it (about three passes over it): the product wins past k / 3 terms
     k = num.live[:, :g.senders_before(stage)].sum(axis=1)  # [P]
     per_owner = np.bincount(owner, weights=terms, minlength=num.P)
-    dense_owner = per_owner > np.maximum(k, 2)
+    dense_owner = GATHER_PASSES * per_owner > np.maximum(k, 2)
     return {"terms": terms, "use_corr": use_corr, "base": base, "diff": diff,
             "ref_sig": ref_sig, "owner": owner, "dense": dense_owner[owner]}
 
