@@ -42,9 +42,15 @@ def attention_norm(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig) -> torch
 
 
 def mlp(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig) -> torch.Tensor:
-    """The MLP's output [n, B, T, d] from its receiver inputs x (``ln2`` fused)."""
+    """The MLP's output [n, B, T, d] from its receiver inputs x: ``blocks.mlp`` with
+    the norm and GELU-tanh (gelu_new) as fused kernels (one pass each instead of
+    eight over the hidden activations)."""
     xn = receiver_norm(x, lw.ln2_w, lw.ln2_b, cfg)
-    return mlp_out(mlp_hidden(xn, lw._replace(ln2_w=None, ln2_b=None), cfg, False), lw)
+    if lw.W_gate is None and cfg.act_fn in ("gelu_new", "gelu_pytorch_tanh"):
+        hidden = torch.nn.functional.gelu(xn @ lw.W_in + lw.b_in, approximate="tanh")
+    else:
+        hidden = mlp_hidden(xn, lw._replace(ln2_w=None, ln2_b=None), cfg, False)
+    return mlp_out(hidden, lw)
 
 
 def head_weights(lw: LayerWeights, cfg: BlockConfig, kind: str
