@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import FastskipError, InputError
 from ..output import tables
 from ..prompt_files import read_prompts
+from . import edge_commands
 
 Args = argparse.Namespace
 
@@ -245,6 +246,8 @@ def cmd_search(args: Args) -> int:
 
     task = load_task(args)
     runner = load_runner(args)
+    if args.method in edge_commands.EDGE_METHODS:
+        return edge_commands.cmd_edge_search(args, runner, task)
     result: PruneResult | LayerPruneResult
     if args.method == "prune-nodes":
         result = prune_nodes(runner, task, threshold=args.threshold)

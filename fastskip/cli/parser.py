@@ -21,6 +21,7 @@ from typing import NoReturn
 
 from ..errors import CheckError, FastskipError
 from ..output.tables import SUMMARY_METRICS
+from . import edge_commands
 
 GRIDS = ("blocks", "components", "heads", "leave-one-out")
 TASK_NAMES = "numerals, number_words, months, days, letters"
@@ -131,10 +132,19 @@ def build_parser() -> Parser:
              "fraction of the full model's. prune-nodes walks heads and MLPs from the last "
              "layer back and removes each one whose removal keeps the score >= --threshold; "
              "prune-layers greedily removes the unit (--units) whose removal hurts least. "
-             "Needs wrong answers: a --task, or a prompt file with a third column.",
+             "On edges: path-patch scores every edge inside a node circuit (--circuit) "
+             "patched alone and keeps those whose patching leaves the score below "
+             "--threshold; faithfulness evaluates the top-n edges by --scores for many n; "
+             "prune-edges is ACDC (remove an edge when --metric changes by less than "
+             "--threshold). Needs wrong answers: a --task, or a prompt file with a third "
+             "column.",
              "  fastskip search prune-nodes --task months --threshold 0.8 --plot trace.png\n"
-             "  fastskip search prune-layers --prompts prompts.tsv --units block", [model])
-    p.add_argument("method", choices=("prune-nodes", "prune-layers"))
+             "  fastskip search prune-layers --prompts prompts.tsv --units block\n"
+             "  fastskip search path-patch --task numerals --circuit c.json --out edges.json\n"
+             "  fastskip search faithfulness --task numerals --scores eap.npy --plot curve.png\n"
+             "  fastskip search prune-edges --task numerals --threshold 0.01 --out acdc.json",
+             [model])
+    p.add_argument("method", choices=("prune-nodes", "prune-layers", *edge_commands.EDGE_METHODS))
     _prompt_options(p)
     p.add_argument("--threshold", type=float, default=0.8,
                    help="keep at least this fraction of the full model's score (default 0.8)")
@@ -142,6 +152,7 @@ def build_parser() -> Parser:
                    help="prune-layers: remove whole blocks (default) or attention layers and "
                         "MLPs separately (component)")
     p.add_argument("--plot", metavar="FILE", help="the pruning trace: .png or .html")
+    edge_commands.add_options(p)
 
     p = _sub(subs, "check", "Verify plans against the TransformerLens reference.",
              "Runs each plan with fastskip and with TransformerLens hooks on the notebook's "
