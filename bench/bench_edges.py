@@ -19,12 +19,14 @@ The logits of the two are compared on the same circuits (max |difference| in
 (``tests/helpers.py: import_auto_circuit``), never in the library.
 
     flock /tmp/fastskip-timing.lock .venv/bin/python -m pytest bench/bench_edges.py -s
+    FASTSKIP_BENCH_THREADS=1 flock ...      # both sides on one thread
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,6 +53,17 @@ SAMPLE = 12  # edges timed with one run_with_hooks each
 needs_auto_circuit = pytest.mark.skipif(
     importlib.util.find_spec("auto_circuit") is None,
     reason="auto-circuit is not installed: pip install auto-circuit==1.0.1 attrs (bench extra)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def threads():
+    """``FASTSKIP_BENCH_THREADS=1`` runs both sides on one thread (on a loaded
+    2-core machine two threads wait on each other; the count is in extra_info)."""
+    before = torch.get_num_threads()
+    if os.environ.get("FASTSKIP_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["FASTSKIP_BENCH_THREADS"]))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ def receiver_norm(x: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tenso
     """A receiver's norm on its inputs x [n, B, T, d] as one fused kernel: edge
     plans normalise every head's q, k and v input separately, so the norm runs
     on tens of inputs per plan where node plans run it on one (the formula is
-    ``blocks.normalize``'s; fp32 inside, as there)."""
+    ``blocks.normalize``'s; reduced precision computes it in fp32, as there)."""
     d = (x.shape[-1],)
-    h = x.float()
+    h = x.float() if x.element_size() < 4 else x  # bf16/fp16 in fp32; fp32/fp64 as they are
     if cfg.norm in ("LN", "LNPre"):
         out = torch.nn.functional.layer_norm(h, d, None, None, cfg.eps)
     else:

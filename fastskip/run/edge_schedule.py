@@ -16,15 +16,16 @@ receiver contributes only its ablation value, so it is never computed
 
 Each distinct input X is the stage's ablation baseline A (every sender ablated,
 plus the attention output biases) plus, for each kept sender, D = its value
-minus its ablation value:
+minus its ablation value, computed one of two ways:
 
-* *sparse*: a few terms, ``X = A + sum D[row]`` or, as a correction, ``X =
-  X_ref + sum +-D[row]`` where X_ref is the same receiver's input in the
-  reference plan (the plan closest to the majority of the set: in leave-one-out,
-  ACDC trials or path patching, the base circuit) and the terms are only the
-  senders whose kept state or value differs from it;
-* *dense*: many terms: one matrix product ``X = A + C @ block`` over the rows
-  of its plan's *block*, the plan's live senders' values laid out contiguously.
+* *terms*: ``X = A + sum D[row]`` or, as a correction, ``X = X_ref + sum
+  +-D[row]`` where X_ref is the same receiver's input in the reference plan (the
+  plan closest to the majority of the set: in leave-one-out, ACDC trials or path
+  patching, the base circuit) and the terms are only the senders whose kept
+  state or value differs from it;
+* *dense*: one matrix product ``X = A + C @ block`` over the plan's *block*, its
+  live senders' values laid out in contiguous rows: chosen for a plan's inputs
+  of a stage when gathering their terms would read more rows than the product.
 
 Values live in one arena of rows: each plan with a dense input has a block
 (shared values are copied into it), other values get a row of their own.

