@@ -30,7 +30,7 @@ from .errors import (
 )
 from .model import load_model
 from .output import plot, sweep, tables
-from .plans import Plan, PlanMask, PlanSet, grid
+from .plans import EdgeGraph, EdgePlan, EdgePlanSet, Plan, PlanMask, PlanSet, grid
 from .reference import check, plan_hooks, reference_logits
 from .results import Results
 from .run import Runner
@@ -41,7 +41,8 @@ io = tables  # the old name of fastskip.output.tables (fs.io.load_results, fs.io
 __version__ = "0.1.0"
 
 __all__ = [
-    "Ablation", "CheckError", "FastskipError", "InputError", "MemoryBudgetError",
+    "Ablation", "CheckError", "EdgeGraph", "EdgePlan", "EdgePlanSet", "FastskipError",
+    "InputError", "MemoryBudgetError",
     "OverflowWarning", "Plan", "PlanError", "PlanMask", "PlanSet", "Results", "Runner",
     "UnsupportedModelError", "check", "grid", "io", "load_model", "plan_hooks", "plot",
     "reference_logits", "search", "sweep", "tables", "tasks", "test_prompt",

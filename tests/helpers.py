@@ -76,3 +76,50 @@ def kernel_runner(model, **kwargs):
 
     kwargs.setdefault("verbose", False)
     return fs.Runner(model, kernels=True, device=KERNEL_DEVICE, compile=False, **kwargs)
+
+
+def import_auto_circuit():
+    """auto-circuit 1.0.1 with the shims it needs on TransformerLens 3.9 (test
+    harness only, never the library): it imports ``HookedTransformerKeyValueCache``
+    from ``transformer_lens.past_key_value_caching``, TransformerLens's old name
+    of ``TransformerLensKeyValueCache``. Returns what the tests call."""
+    import sys
+    import types
+
+    import transformer_lens as tl
+
+    if "transformer_lens.past_key_value_caching" not in sys.modules:
+        shim = types.ModuleType("transformer_lens.past_key_value_caching")
+        shim.HookedTransformerKeyValueCache = tl.TransformerLensKeyValueCache
+        sys.modules["transformer_lens.past_key_value_caching"] = shim
+    tl.HookedTransformerKeyValueCache = tl.TransformerLensKeyValueCache
+    from auto_circuit.data import PromptDataLoader, PromptDataset
+    from auto_circuit.prune import run_circuits
+    from auto_circuit.types import AblationType, PatchType
+    from auto_circuit.utils.graph_utils import patchable_model
+
+    def node_name(name: str, dest: bool) -> str:
+        if name in ("Resid Start", "Resid End"):
+            return "embed" if name == "Resid Start" else "logits"
+        if name.startswith("MLP "):
+            return f"{name[4:]}.mlp"
+        return name[1:].lower() if dest else name[1:]  # A9.1.Q -> 9.1.q, A9.1 -> 9.1
+
+    def edge_name(edge) -> str:
+        return f"{node_name(edge.src.name, False)}>{node_name(edge.dest.name, True)}"
+
+    def run_tree_patch(pm, tokens, corrupt, prune_scores, sizes):
+        """Last-position logits {circuit size: [B, V]}: every edge outside the top
+        ``size`` edges patched from the corrupted run (PatchType.TREE_PATCH)."""
+        ones = [torch.tensor([0]) for _ in range(tokens.shape[0])]
+        data = PromptDataset(list(tokens), list(corrupt), ones, ones)
+        loader = PromptDataLoader(data, seq_len=None, diverge_idx=0,
+                                  batch_size=tokens.shape[0])
+        outs = run_circuits(pm, loader, list(sizes), prune_scores,
+                            patch_type=PatchType.TREE_PATCH,
+                            ablation_type=AblationType.RESAMPLE)
+        # with TREE_PATCH, run_circuits keys its outputs by the edges left unpatched
+        return {n_kept: next(iter(by_batch.values())) for n_kept, by_batch in outs.items()}
+
+    return types.SimpleNamespace(patchable_model=patchable_model, edge_name=edge_name,
+                                 run_tree_patch=run_tree_patch)

@@ -308,3 +308,147 @@ def answers() -> st.SearchStrategy[str]:
     """Answers of one to a few tokens; most start with a space."""
     return st.one_of(words(1, 3).map(lambda s: " " + s), words(1, 2),
                      st.text(st.characters(codec="utf-8"), min_size=1, max_size=4))
+
+
+# --------------------------------------------------------------------------- edge plans
+# An independent, written-out reading of the README's edge-plan table: senders and
+# receivers are listed by name with their place in the model's order, and an item
+# means every (sender, receiver) pair it names with the receiver after the sender.
+
+
+@dataclass(frozen=True)
+class EdgeNames:
+    """Sender and receiver names of a model size, with their model-order stage."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+
+    @property
+    def grouped(self) -> bool:
+        return self.n_kv_heads != self.n_heads
+
+    def senders(self) -> list[tuple[str, int]]:
+        out = [("embed", -1)]
+        for L in range(self.n_layers):
+            out += [(f"{L}.{h}", 2 * L) for h in range(self.n_heads)] + [(f"{L}.mlp", 2 * L + 1)]
+        return out
+
+    def receivers(self) -> list[tuple[str, int]]:
+        kv = "kv" if self.grouped else ""
+        out = []
+        for L in range(self.n_layers):
+            out += [(f"{L}.{h}.q", 2 * L) for h in range(self.n_heads)]
+            out += [(f"{L}.{kv}{g}.k", 2 * L) for g in range(self.n_kv_heads)]
+            out += [(f"{L}.{kv}{g}.v", 2 * L) for g in range(self.n_kv_heads)]
+            out.append((f"{L}.mlp", 2 * L + 1))
+        return out + [("logits", 2 * self.n_layers)]
+
+    def edges(self) -> list[str]:
+        """Every edge's name in the documented order: by receiver, then sender."""
+        return [f"{s}>{r}" for r, rs in self.receivers() for s, ss in self.senders() if ss < rs]
+
+
+@st.composite
+def edge_sizes(draw, max_layers: int = 4) -> EdgeNames:
+    H = draw(st.sampled_from([1, 2, 3, 4]))
+    K = draw(st.sampled_from([k for k in (1, 2, 4) if H % k == 0 and k <= H]))
+    return EdgeNames(draw(st.integers(1, max_layers)), H, K)
+
+
+def _edge_range(lo: int, hi: int) -> str:
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+@st.composite
+def edge_item_specs(draw, names: EdgeNames) -> tuple[str, set[str]]:
+    """One item's text and the edges it names (all valid: explicit S>R items only
+    pair receivers with senders before all of them)."""
+    L, H, K = names.n_layers, names.n_heads, names.n_kv_heads
+    kind = draw(st.sampled_from(["pair", "pair", "pair", "sender*", "*receiver", "all"]))
+    stage = dict(names.senders())
+    rstage = dict(names.receivers())
+
+    def receivers() -> tuple[str, list[str]]:
+        which = draw(st.sampled_from(["heads", "mlp", "logits"]))
+        if which == "logits":
+            return "logits", ["logits"]
+        a, b = sorted(draw(st.tuples(st.integers(0, L - 1), st.integers(0, L - 1))))
+        if which == "mlp":
+            return f"{_edge_range(a, b)}.mlp", [f"{x}.mlp" for x in range(a, b + 1)]
+        kv = names.grouped and draw(st.booleans())
+        letters = draw(st.sampled_from(["k", "v", "kv"] if kv or names.grouped else
+                                       ["q", "k", "v", "qk", "qv", "kv", "qkv"]))
+        n = K if kv else H
+        if names.grouped and not kv:
+            letters = "q"
+        c, d = sorted(draw(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1))))
+        pre = "kv" if kv else ""
+        text = f"{_edge_range(a, b)}.{pre}{_edge_range(c, d)}.{letters}"
+        mark = "kv" if names.grouped else ""
+        got = [f"{x}.{mark}{h}.{ch}" if ch != "q" else f"{x}.{h}.q"
+               for x in range(a, b + 1) for h in range(c, d + 1) for ch in letters]
+        return text, got
+
+    def senders(before: int | None) -> tuple[str, list[str]] | None:
+        """Senders, all before stage ``before`` (None: any)."""
+        limit = 2 * L + 1 if before is None else before - 1  # the last allowed stage
+        options = ["embed"] + (["heads"] if limit >= 0 else []) + (["mlp"] if limit >= 1 else [])
+        which = draw(st.sampled_from(options))
+        if which == "embed":
+            return "embed", ["embed"]
+        top = limit // 2 if which == "heads" else (limit - 1) // 2
+        top = min(top, L - 1)
+        a, b = sorted(draw(st.tuples(st.integers(0, top), st.integers(0, top))))
+        if which == "mlp":
+            return f"{_edge_range(a, b)}.mlp", [f"{x}.mlp" for x in range(a, b + 1)]
+        c, d = sorted(draw(st.tuples(st.integers(0, H - 1), st.integers(0, H - 1))))
+        return (f"{_edge_range(a, b)}.{_edge_range(c, d)}",
+                [f"{x}.{h}" for x in range(a, b + 1) for h in range(c, d + 1)])
+
+    if kind == "all":
+        return draw(st.sampled_from(["all", "*>*"])), set(names.edges())
+    if kind == "*receiver":
+        rtext, rs = receivers()
+        return f"*>{rtext}", {f"{s}>{r}" for r in rs for s, ss in stage.items()
+                             if ss < rstage[r]}
+    if kind == "sender*":
+        stext, ss_ = senders(None)  # type: ignore[misc]
+        return f"{stext}>*", {f"{s}>{r}" for s in ss_ for r, rs in rstage.items()
+                             if stage[s] < rs}
+    rtext, rs = receivers()
+    first = min(rstage[r] for r in rs)
+    stext, ss_ = senders(first)  # type: ignore[misc]
+    return f"{stext}>{rtext}", {f"{s}>{r}" for s in ss_ for r in rs}
+
+
+@st.composite
+def edge_plan_texts(draw, names: EdgeNames, max_items: int = 5) -> tuple[str, set[str]]:
+    """Edge plan text of 1..max_items items (random case and spacing) and the kept
+    edges it must mean: items applied left to right to the empty set."""
+    n = draw(st.integers(1, max_items))
+    kept: set[str] = set()
+    parts = []
+    for _ in range(n):
+        text, edges = draw(edge_item_specs(names))
+        if draw(st.integers(0, 9)) == 0:
+            parts.append("none")
+            kept = set()
+            continue
+        remove = bool(kept) and draw(st.integers(0, 2)) == 0  # removals from a non-empty set
+        parts.append(("-" if remove else "") + (text.upper() if draw(st.booleans()) else text))
+        kept = kept - edges if remove else kept | edges
+    sep = draw(st.sampled_from([",", ", ", " , "]))
+    return sep.join(parts), kept
+
+
+@st.composite
+def edge_masks(draw, n_edges: int, max_plans: int = 4) -> np.ndarray:
+    """Edge masks [P, n_edges]: random, nearly full, nearly empty or structured."""
+    P = draw(st.integers(1, max_plans))
+    rows = []
+    for _ in range(P):
+        density = draw(st.sampled_from([0.0, 0.02, 0.2, 0.5, 0.8, 0.98, 1.0]))
+        seed = draw(st.integers(0, 2**31 - 1))
+        rows.append(np.random.default_rng(seed).random(n_edges) < density)
+    return np.stack(rows)

@@ -118,7 +118,8 @@ def test_plans_know_nothing_of_torch():
 
 
 PUBLIC = [
-    "Ablation", "CheckError", "FastskipError", "InputError", "MemoryBudgetError",
+    "Ablation", "CheckError", "EdgeGraph", "EdgePlan", "EdgePlanSet", "FastskipError",
+    "InputError", "MemoryBudgetError",
     "OverflowWarning", "Plan", "PlanError", "PlanMask", "PlanSet", "Results", "Runner",
     "UnsupportedModelError", "check", "grid", "io", "load_model", "plan_hooks", "plot",
     "reference_logits", "search", "sweep", "tables", "tasks", "test_prompt",

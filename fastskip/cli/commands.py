@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import FastskipError, InputError
 from ..output import tables
 from ..prompt_files import read_prompts
+from . import edge_commands
 
 if TYPE_CHECKING:
     from ..search.node_search import Algorithm
@@ -333,6 +334,8 @@ def cmd_search(args: Args) -> int:
     runner = load_runner(args)
     if task is None:
         task = load_search_task(args, runner)
+    if args.method in edge_commands.EDGE_METHODS:
+        return edge_commands.cmd_edge_search(args, runner, task)
     result: PruneResult | LayerPruneResult
     if args.method == "prune-nodes":
         bar = None if algorithm == "backward" else (not args.quiet and interactive())

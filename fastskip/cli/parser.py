@@ -21,6 +21,7 @@ from typing import NoReturn
 
 from ..errors import CheckError, FastskipError
 from ..output.tables import SUMMARY_METRICS
+from . import edge_commands
 
 GRIDS = ("blocks", "components", "heads", "leave-one-out")
 DEMO_MODEL = "smollm2-135m"  # the main job runs on a real pretrained model that ships offline
@@ -149,14 +150,22 @@ def build_parser() -> Parser:
              "(--algorithm seqcont: mean ablation over the paper's random prompts, passes "
              "alternating until nothing changes, removal strictly above the threshold); "
              "prune-layers greedily removes the unit (--units) whose removal hurts least. "
-             "Needs wrong answers: a --task, or a prompt file with a third column. "
-             "--data seqcont takes the paper's prompts for --task numerals, numwords or "
-             "months.",
+             "On edges: path-patch scores every edge inside a node circuit (--circuit) "
+             "patched alone and keeps those whose patching leaves the score below "
+             "--threshold; faithfulness evaluates the top-n edges by --scores for many n; "
+             "prune-edges is ACDC (remove an edge when --metric changes by less than "
+             "--threshold). Needs wrong answers: a --task, or a prompt file with a third "
+             "column. --data seqcont takes the paper's prompts for --task numerals, "
+             "numwords or months.",
              "  fastskip search prune-nodes --task numerals --data seqcont --algorithm seqcont \\\n"
              "      --threshold 0.8 --out circuit.json --plot trace.png\n"
              "  fastskip search prune-nodes --task months --threshold 0.8 --plot trace.png\n"
-             "  fastskip search prune-layers --prompts prompts.tsv --units block", [model])
-    p.add_argument("method", choices=("prune-nodes", "prune-layers"))
+             "  fastskip search prune-layers --prompts prompts.tsv --units block\n"
+             "  fastskip search path-patch --task numerals --circuit c.json --out edges.json\n"
+             "  fastskip search faithfulness --task numerals --scores eap.npy --plot curve.png\n"
+             "  fastskip search prune-edges --task numerals --threshold 0.01 --out acdc.json",
+             [model])
+    p.add_argument("method", choices=("prune-nodes", "prune-layers", *edge_commands.EDGE_METHODS))
     _prompt_options(p)
     p.add_argument("--data", default="templates", choices=("templates", "seqcont"),
                    help="--task's prompts: fastskip's templates (default) or the paper's "
@@ -180,6 +189,7 @@ def build_parser() -> Parser:
                    help="prune-layers: remove whole blocks (default) or attention layers and "
                         "MLPs separately (component)")
     p.add_argument("--plot", metavar="FILE", help="the pruning trace: .png or .html")
+    edge_commands.add_options(p)
 
     p = _sub(subs, "check", "Verify plans against the TransformerLens reference.",
              "Runs each plan with fastskip and with TransformerLens hooks on the notebook's "

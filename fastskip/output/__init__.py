@@ -1,6 +1,6 @@
 """Output: result tables as files (Parquet/CSV with metadata), resumable
-sweeps, and figures."""
+sweeps, and figures (``edge_plot``: edge circuits and faithfulness curves)."""
 
-from . import plot, sweep, tables
+from . import edge_plot, plot, sweep, tables
 
-__all__ = ["plot", "sweep", "tables"]
+__all__ = ["edge_plot", "plot", "sweep", "tables"]

@@ -8,7 +8,7 @@ work until a plan's text is asked for.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import overload
+from typing import Protocol, overload
 
 import numpy as np
 
@@ -161,11 +161,20 @@ class PlanSet(Sequence[Plan]):
 PlansLike = PlanLike | Sequence[PlanLike] | PlanSet  # what every call that takes plans accepts
 
 
+class NamedPlans(Protocol):
+    """What ``PlanTexts`` reads: a plan count and each plan's text (a ``PlanSet``
+    or an ``EdgePlanSet``)."""
+
+    def __len__(self) -> int: ...
+
+    def text(self, i: int) -> str: ...
+
+
 class PlanTexts(Sequence[str]):
     """Canonical plan texts of a PlanSet, each computed when first read (a grid
     of 65,536 plans should not pay for 65,536 texts nobody prints)."""
 
-    def __init__(self, plans: PlanSet):
+    def __init__(self, plans: NamedPlans):
         self._plans = plans
 
     def __len__(self) -> int:

@@ -11,7 +11,8 @@ import torch
 
 from ..ablation import Ablation
 from ..errors import CheckError
-from ..plans import Plan, PlanSet, PlansLike
+from ..plans import EdgePlan, EdgePlanSet, Plan, PlanSet, PlansLike
+from ..plans.edge_set import EdgePlansLike
 from .hooks import FP32_SQUARE_MAX, max_residual, reference_logits
 
 if TYPE_CHECKING:
@@ -23,9 +24,10 @@ class LogitsRunner(Protocol):
 
     model: HookedTransformer
 
-    def plan_set(self, plans: PlansLike) -> PlanSet: ...
+    def plan_set(self, plans: PlansLike | EdgePlansLike) -> PlanSet | EdgePlanSet: ...
 
-    def logits(self, plans: PlansLike, tokens: torch.Tensor, last_only: bool = False,
+    def logits(self, plans: PlansLike | EdgePlansLike, tokens: torch.Tensor,
+               last_only: bool = False,
                progress: bool | None = None, ablation: Ablation | str | None = None
                ) -> torch.Tensor: ...
 
@@ -67,8 +69,8 @@ class CheckReport:
 
 
 @torch.no_grad()
-def check_report(runner: LogitsRunner, plans: PlansLike, tokens: torch.Tensor, atol: float = 1e-4,
-                 rtol: float = 0.0, arbitrate: bool = True,
+def check_report(runner: LogitsRunner, plans: PlansLike | EdgePlansLike, tokens: torch.Tensor,
+                 atol: float = 1e-4, rtol: float = 0.0, arbitrate: bool = True,
                  ablation: Ablation | str | None = None, fast: torch.Tensor | None = None
                  ) -> CheckReport:
     """Compare every plan with the reference; see ``check`` for the rules.
@@ -80,7 +82,8 @@ def check_report(runner: LogitsRunner, plans: PlansLike, tokens: torch.Tensor, a
     model64 = None
     full_residual: float | None = None  # the full model's largest residual value (float64)
     report = CheckReport(plans=ps.texts(), errors=[])
-    for i, plan in enumerate(ps):
+    for i in range(len(ps)):
+        plan: Plan | EdgePlan = ps[i]
         ref = reference_logits(runner.model, plan, tokens, ablation).to(fast.device,
                                                                          torch.float32)
         ref = ref[:, ref.shape[1] - fast.shape[2]:]
@@ -92,9 +95,9 @@ def check_report(runner: LogitsRunner, plans: PlansLike, tokens: torch.Tensor, a
         mine_ok = torch.isfinite(mine).flatten(1).all(1)
         if not torch.equal(ref_ok, mine_ok):
             b = int((ref_ok != mine_ok).nonzero()[0])
-            if arbitrate:  # does the residual stream leave fp32's range (x^2 overflows)?
+            if arbitrate and isinstance(plan, Plan):  # does the residual stream leave fp32's
                 model64 = model64 if model64 is not None else float64_copy(runner.model)
-                if max_residual(model64, plan, tokens, ablation) > FP32_SQUARE_MAX:
+                if max_residual(model64, plan, tokens, ablation) > FP32_SQUARE_MAX:  # range?
                     report.errors.append(0.0)
                     report.overflowing.append(i)
                     continue
@@ -115,15 +118,18 @@ def check_report(runner: LogitsRunner, plans: PlansLike, tokens: torch.Tensor, a
         where = tuple(int(v) for v in torch.nonzero(diff == diff.max())[0])
         if arbitrate:
             model64 = model64 if model64 is not None else float64_copy(runner.model)
-            if full_residual is None:
-                full = Plan.parse("all", ps.n_layers, runner.model.cfg.n_heads)
-                full_residual = max_residual(model64, full, tokens, ablation)
+            growth = 1.0  # edge plans apply every norm: no residual growth to allow for
+            if isinstance(plan, Plan):
+                if full_residual is None:
+                    full = Plan.parse("all", ps.n_layers, runner.model.cfg.n_heads)
+                    full_residual = max_residual(model64, full, tokens, ablation)
+                growth = max_residual(model64, plan, tokens, ablation) / max(full_residual,
+                                                                             1e-30)
             exact = reference_logits(model64, plan, tokens, ablation).to(fast.device)
             exact = exact[:, exact.shape[1] - fast.shape[2]:]
             verdict = Arbitration(
                 ours=float((fast[i].double() - exact).abs().max()),
-                theirs=float((ref.double() - exact).abs().max()),
-                growth=max_residual(model64, plan, tokens, ablation) / max(full_residual, 1e-30))
+                theirs=float((ref.double() - exact).abs().max()), growth=growth)
             if verdict.passes(atol + rtol * scale):
                 report.arbitrated[i] = verdict
                 continue
@@ -137,9 +143,9 @@ def check_report(runner: LogitsRunner, plans: PlansLike, tokens: torch.Tensor, a
 
 
 @torch.no_grad()
-def check(runner: LogitsRunner, plans: PlansLike, tokens: torch.Tensor, atol: float = 1e-4,
-          rtol: float = 0.0, arbitrate: bool = True, ablation: Ablation | str | None = None
-          ) -> float:
+def check(runner: LogitsRunner, plans: PlansLike | EdgePlansLike, tokens: torch.Tensor,
+          atol: float = 1e-4, rtol: float = 0.0, arbitrate: bool = True,
+          ablation: Ablation | str | None = None) -> float:
     """Compare ``runner.logits`` with ``reference_logits`` for every plan.
 
     Returns the largest absolute logit difference from the fp32 reference and raises

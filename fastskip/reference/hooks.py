@@ -18,7 +18,9 @@ import torch
 from ..ablation import Ablation, as_ablation
 from ..errors import CheckError
 from ..inputs import check_tokens
-from ..plans import Plan, PlanLike
+from ..plans import EdgePlan, Plan, PlanLike
+from ..plans.edge_set import is_edge_text
+from .edge_hooks import edge_reference_logits
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -106,10 +108,13 @@ def reference_sources(model: HookedTransformer, ablation: Ablation | str | None,
 
 
 @torch.no_grad()
-def reference_logits(model: HookedTransformer, plan: PlanLike, tokens: torch.Tensor,
+def reference_logits(model: HookedTransformer, plan: PlanLike | EdgePlan, tokens: torch.Tensor,
                      ablation: Ablation | str | None = None) -> torch.Tensor:
     """Logits [B, T, d_vocab] of ``plan`` computed by TransformerLens with hooks
-    (``ablation``: "zero" or an ``fs.Ablation`` given as tokens)."""
+    (``ablation``: "zero" or an ``fs.Ablation`` given as tokens). Edge plans
+    (``fs.EdgePlan``, text with '>') go to ``edge_reference_logits``."""
+    if isinstance(plan, EdgePlan) or (isinstance(plan, str) and is_edge_text(plan)):
+        return edge_reference_logits(model, plan, tokens, ablation)
     cfg = model.cfg
     bound = (Plan.parse(plan) if isinstance(plan, str) else plan).bind(cfg.n_layers, cfg.n_heads)
     device = next(model.parameters()).device

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import OverflowWarning
 from ..inputs import PromptBatch
-from ..plans import PlanSet
+from ..plans.planset import NamedPlans
 from ..results import Results
 from .vocab_reductions import fused_logit_reductions
 
@@ -199,7 +199,7 @@ def ranks_agree_up_to_ties(rank_a: torch.Tensor, rank_b: torch.Tensor, logits: t
     return bool(((rank_a - rank_b).abs() <= near).all())
 
 
-def warn_nonfinite(nonfinite: torch.Tensor, ps: PlanSet) -> None:
+def warn_nonfinite(nonfinite: torch.Tensor, ps: NamedPlans) -> None:
     """Warn, naming a plan, when some rows overflowed (their ranks are -1)."""
     bad = nonfinite.flatten(1).any(dim=1).nonzero().flatten().cpu().tolist()
     if bad:

@@ -115,19 +115,26 @@ def one_plan_states(plans: PlanSet, sb: StateBytes, free_skips: bool) -> int:
     return sizes.full * sb.full + sizes.asked * sb.asked
 
 
-def memory_sizes(w: StackedWeights, plans: PlanSet, B: int, T: int, Q: int, masked: bool,
-                 zero_ablation: bool = True) -> MemorySizes:
-    """``MemorySizes`` for B prompts of T tokens with Q asked positions; ``masked``:
-    the masked executor (every plan one chain of three states)."""
+def memory_sizes_per_row(w: StackedWeights, B: int, T: int, Q: int) -> MemorySizes:
+    """``MemorySizes`` without the states: bytes per state in a matmul batch and
+    per final state in an unembedding batch (``states`` 0)."""
     elem = element_bytes(w.dtype)
     # activations of one state in a matmul batch: q/k/v, MLP hidden, scores, copies
     per_row = B * T * elem * (3 * w.n_heads * w.d_head + 2 * w.d_mlp + 6 * w.d_model) + \
         B * w.n_heads * T * T * 4 * 2
     # logits + fp32 copy + comparison mask for one final state
     per_final = B * Q * w.d_vocab_out * (elem + 4 + 1 + 4)
+    return MemorySizes(per_row, per_final, 0)
+
+
+def memory_sizes(w: StackedWeights, plans: PlanSet, B: int, T: int, Q: int, masked: bool,
+                 zero_ablation: bool = True) -> MemorySizes:
+    """``MemorySizes`` for B prompts of T tokens with Q asked positions; ``masked``:
+    the masked executor (every plan one chain of three states)."""
+    rows = memory_sizes_per_row(w, B, T, Q)
     sb = state_bytes(w, B, T, Q)
     states = 3 * sb.full if masked else one_plan_states(plans, sb, zero_ablation)
-    return MemorySizes(per_row, per_final, states)
+    return MemorySizes(rows.per_row, rows.per_final, states)
 
 
 class Budget(NamedTuple):

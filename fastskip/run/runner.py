@@ -14,7 +14,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, overload
 
 import numpy as np
 import torch
@@ -24,12 +24,14 @@ from ..errors import FastskipError, InputError, OverflowWarning
 from ..inputs import PromptBatch, check_tokens, make_batch
 from ..model import blocks, stack_weights
 from ..model.ops import StepOps, want_kernels
-from ..plans import PlanSet, PlansLike
+from ..plans import EdgeGraph, EdgePlan, EdgePlanSet, PlanSet, PlansLike, holds_edge_plans
+from ..plans.edge_set import EdgePlansLike
 from ..results import Results
 from . import precision as reduced
 from .answer_metrics import MetricTables, warn_nonfinite
 from .batch_cache import BatchCache
 from .circuit_inputs import circuit_inputs
+from .edge_executor import EdgeExecutor, edge_memory_sizes
 from .masked_executor import MaskedExecutor
 from .mean_circuits import MeanAblatedCircuits
 from .memory import (
@@ -54,6 +56,8 @@ if TYPE_CHECKING:
 
 Strategy = Literal["tree", "masked"]
 STRATEGIES: tuple[Strategy, ...] = ("tree", "masked")
+AnyPlans = PlansLike | EdgePlansLike  # node plans, or edge plans (fastskip.plans.edges)
+AnyPlanSet = PlanSet | EdgePlanSet
 
 
 class Runner:
@@ -148,31 +152,58 @@ class Runner:
     def model_name(self) -> str:
         return str(getattr(self.model.cfg, "model_name", ""))
 
-    def plan_set(self, plans: PlansLike) -> PlanSet:
-        """Bind plans to this model: a ``PlanSet`` (raises ``PlanError`` on bad plans)."""
-        return PlanSet.from_plans(plans, self.n_layers, self.n_heads)
+    @property
+    def edges(self) -> EdgeGraph:
+        """The model's edge graph: senders, receivers and the edge order that edge
+        plans, edge masks and edge scores use (``fastskip.plans.edge_graph``)."""
+        return EdgeGraph(self.n_layers, self.n_heads, self.weights.n_kv_heads)
+
+    @overload
+    def plan_set(self, plans: EdgePlan | EdgePlanSet | Sequence[EdgePlan]) -> EdgePlanSet: ...
+
+    @overload
+    def plan_set(self, plans: PlansLike) -> PlanSet: ...
+
+    @overload
+    def plan_set(self, plans: AnyPlans) -> AnyPlanSet: ...
+
+    def plan_set(self, plans: AnyPlans) -> AnyPlanSet:
+        """Bind plans to this model: a ``PlanSet``, or an ``EdgePlanSet`` for edge
+        plans (``fs.EdgePlan`` objects or text with '>'; in a list with edge plans
+        every text is edge text), raising ``PlanError`` on bad plans."""
+        if holds_edge_plans(plans):
+            return EdgePlanSet.from_plans(plans, self.edges)
+        return PlanSet.from_plans(plans, self.n_layers, self.n_heads)  # type: ignore[arg-type]
 
     # -- execution -----------------------------------------------------------
-    def memory_sizes(self, plans: PlanSet, B: int, T: int, Q: int, zero_ablation: bool = True
+    def memory_sizes(self, plans: AnyPlanSet, B: int, T: int, Q: int, zero_ablation: bool = True
                      ) -> MemorySizes:
         """Bytes per state in a matmul batch, per final state in an unembedding
         batch, and of the residual-stream states one plan of ``plans`` needs,
         for B prompts of T tokens with Q asked positions (``fastskip.run.memory``)."""
+        if isinstance(plans, EdgePlanSet):
+            return edge_memory_sizes(self.weights, plans.graph, B, T, Q)
         return memory_sizes(self.weights, plans, B, T, Q, self.strategy == "masked",
                             zero_ablation)
 
-    def final_states(self, plans: PlanSet, tokens: torch.Tensor, q_pos: torch.Tensor,
+    def final_states(self, plans: AnyPlanSet, tokens: torch.Tensor, q_pos: torch.Tensor,
                      sources: Sources | None = None, reserved: int = 0
                      ) -> Iterator[FinalStates]:
         """Final residual streams of every plan at positions ``q_pos`` [B, Q],
         in batches sized to the memory budget; ``sources`` = what skipped
         components contribute (None: zero ablation); ``reserved``: bytes of the
         budget already taken by the call's output. Raises ``MemoryBudgetError``
-        before any work when one plan cannot fit in what is left of ``max_memory``."""
+        before any work when one plan cannot fit in what is left of ``max_memory``.
+        Edge plans go to the edge executor (their final state is the logits
+        receiver's input)."""
         B, T = tokens.shape
         Q = q_pos.shape[1]
         sizes = self.memory_sizes(plans, B, T, Q, sources is None)
         budget = split_budget(sizes, self.max_memory - reserved, B, T, Q)
+        if isinstance(plans, EdgePlanSet):
+            return EdgeExecutor(self.weights, max_rows=budget.max_rows, ops=self.ops).run(
+                plans, tokens, q_pos, budget.unembed_rows, arena_bytes=budget.arena_bytes,
+                sources=sources)
         if self.strategy == "masked":
             return MaskedExecutor(self.weights, chunk=budget.max_rows, ops=self.ops).run(
                 plans, tokens, q_pos, budget.unembed_rows, sources)
@@ -180,7 +211,7 @@ class Runner:
             plans, tokens, q_pos, budget.unembed_rows, arena_bytes=budget.arena_bytes,
             sources=sources)
 
-    def _each_final(self, ps: PlanSet, tokens: torch.Tensor, q_pos: torch.Tensor,
+    def _each_final(self, ps: AnyPlanSet, tokens: torch.Tensor, q_pos: torch.Tensor,
                     sources: Sources | None, progress: bool | None = False, desc: str = "plans",
                     reserved: int = 0
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -192,7 +223,7 @@ class Runner:
             yield fs.states, as_dev(fs.plans), as_dev(fs.row_of)
         self.ops.report_compile()
 
-    def _gather_logits(self, ps: PlanSet, tokens: torch.Tensor, q_pos: torch.Tensor,
+    def _gather_logits(self, ps: AnyPlanSet, tokens: torch.Tensor, q_pos: torch.Tensor,
                        sources: Sources | None, progress: bool | None = False,
                        desc: str = "logits") -> torch.Tensor:
         """Logits [P, B, Q, V] of every plan at positions ``q_pos``. The returned
@@ -234,7 +265,7 @@ class Runner:
 
     # -- public calls ----------------------------------------------------------
     @torch.no_grad()
-    def logits(self, plans: PlansLike, tokens: torch.Tensor, last_only: bool = False,
+    def logits(self, plans: AnyPlans, tokens: torch.Tensor, last_only: bool = False,
                progress: bool | None = None, ablation: Ablation | str | None = None
                ) -> torch.Tensor:
         """Logits of every plan: [P, B, T, d_vocab] (``last_only``: [P, B, d_vocab]).
@@ -256,7 +287,7 @@ class Runner:
         return out[:, :, 0] if last_only else out
 
     @torch.no_grad()
-    def run(self, plans: PlansLike, prompts: str | Sequence[str], answers: str | Sequence[str],
+    def run(self, plans: AnyPlans, prompts: str | Sequence[str], answers: str | Sequence[str],
             prepend_bos: bool | None = None, top_k: int = 10,
             prepend_space_to_answer: bool = False,
             wrong_answers: str | Sequence[str] | None = None, kl: bool = False,
@@ -298,7 +329,7 @@ class Runner:
         return res
 
     @torch.no_grad()
-    def logit_diff(self, plans: PlansLike, prompts: str | Sequence[str],
+    def logit_diff(self, plans: AnyPlans, prompts: str | Sequence[str],
                    answers: str | Sequence[str], wrong_answers: str | Sequence[str],
                    prepend_bos: bool | None = None, prepend_space_to_answer: bool = False,
                    ablation: Ablation | str | None = None, progress: bool | None = False
@@ -351,12 +382,12 @@ class Runner:
         return MeanAblatedCircuits(self.weights, tokens, cols, mean_tokens, self.max_memory)
 
     # -- internals -------------------------------------------------------------
-    def asked_logits(self, ps: PlanSet, batch: PromptBatch, ablation: Ablation | None = None
+    def asked_logits(self, ps: AnyPlanSet, batch: PromptBatch, ablation: Ablation | None = None
                      ) -> torch.Tensor:
         """Logits [P, N, A, V] at the answer positions of ``batch``."""
         return self._gather_logits(ps, batch.tokens, batch.q_pos, self.sources(ablation, batch))
 
-    def _two_column_diff(self, ps: PlanSet, batch: PromptBatch, cols: torch.Tensor,
+    def _two_column_diff(self, ps: AnyPlanSet, batch: PromptBatch, cols: torch.Tensor,
                          sources: Sources | None, progress: bool | None) -> torch.Tensor:
         """logit[cols[:, 0]] - logit[cols[:, 1]] at the first answer position: [P, N].
         Only those two vocabulary columns of each prompt are unembedded."""
@@ -377,7 +408,7 @@ class Runner:
         fs = next(iter(self.final_states(full, batch.tokens, batch.q_pos[:, :1])))
         return blocks.unembed(fs.states[0, :, 0], self.weights).float().log_softmax(-1)
 
-    def _run_batch(self, ps: PlanSet, batch: PromptBatch, top_k: int,
+    def _run_batch(self, ps: AnyPlanSet, batch: PromptBatch, top_k: int,
                    wrong: torch.Tensor | None = None, kl: bool = False,
                    progress: bool | None = None, record_gap: bool = False,
                    ablation: Ablation | None = None) -> Results:
@@ -425,7 +456,7 @@ class Runner:
         if tables.full_lp is not None:  # KL needs the whole distribution: fp32
             tables.add_kl(blocks.unembed(states[:, :, 0], self.weights), plans, rows)
 
-    def _run_with_exact_ranks(self, ps: PlanSet, batch: PromptBatch, top_k: int,
+    def _run_with_exact_ranks(self, ps: AnyPlanSet, batch: PromptBatch, top_k: int,
                               wrong: torch.Tensor | None, kl: bool, progress: bool | None,
                               ablation: Ablation | None) -> Results:
         """``_run_batch`` in reduced precision with fp32 ranks, the error bound checked

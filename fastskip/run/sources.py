@@ -39,11 +39,13 @@ def bound_source_tokens(ablation: Ablation, w: StackedWeights, device: torch.dev
 class Sources:
     """Per-layer outputs of the full model on the ablation source, for B rows:
     attention outputs [L, B, T, d], per-head z [L, B, T, H, dh], MLP outputs
-    [L, B, T, d]."""
+    [L, B, T, d], and the embedding [1, B, T, d] (what an edge plan's removed
+    edge from ``embed`` carries)."""
 
     attn: torch.Tensor
     z: torch.Tensor
     mlp: torch.Tensor
+    embed: torch.Tensor
 
     def output(self, kind: StepKind, layer: int) -> torch.Tensor:
         """What a skipped attention or MLP of ``layer`` adds: [B, T, d]."""
@@ -54,12 +56,12 @@ class Sources:
         def pick(t: torch.Tensor) -> torch.Tensor:
             idx = q_pos[None, :, :].reshape(1, *q_pos.shape, *([1] * (t.ndim - 3)))
             return torch.gather(t, 2, idx.expand(t.shape[0], *q_pos.shape, *t.shape[3:]))
-        return Sources(pick(self.attn), pick(self.z), pick(self.mlp))
+        return Sources(pick(self.attn), pick(self.z), pick(self.mlp), pick(self.embed))
 
 
 def full_model_outputs(w: StackedWeights, tokens: torch.Tensor) -> Sources:
     """Every component's output of the full model on tokens [R, T]."""
-    return Sources(*blocks.full_forward(w, tokens))
+    return Sources(*blocks.full_forward(w, tokens), blocks.embed(tokens, w)[None])
 
 
 def mean_sources(w: StackedWeights, tokens: torch.Tensor, lengths: torch.Tensor, T: int,
@@ -80,7 +82,7 @@ def mean_sources(w: StackedWeights, tokens: torch.Tensor, lengths: torch.Tensor,
         v = valid.reshape(1, *valid.shape, *([1] * (t.ndim - 3)))
         mean = (t * v).sum(1) / count.reshape(1, T, *([1] * (t.ndim - 3)))
         return mean[:, None].expand(t.shape[0], B, *mean.shape[1:])
-    return Sources(avg(full.attn), avg(full.z), avg(full.mlp))
+    return Sources(avg(full.attn), avg(full.z), avg(full.mlp), avg(full.embed))
 
 
 def sources_for_tokens(ablation: Ablation, w: StackedWeights, tokens: torch.Tensor

@@ -18,7 +18,7 @@ import torch
 from ..ablation import Ablation
 from ..errors import CheckError, InputError
 from ..inputs import PromptBatch
-from ..plans import PlanSet
+from ..plans import EdgePlanSet, PlanSet
 from ..reference import check_report, reference_logits
 from ..reference.check import LogitsRunner
 from ..results import Results
@@ -40,7 +40,7 @@ def pick(n_plans: int, k: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n_plans, size=min(k, n_plans), replace=False))
 
 
-def verify_logits(runner: VerifiedRunner, ps: PlanSet, tokens: torch.Tensor,
+def verify_logits(runner: VerifiedRunner, ps: PlanSet | EdgePlanSet, tokens: torch.Tensor,
                   logits: torch.Tensor, k: int, seed: int, ablation: Ablation | None) -> None:
     """Re-check the returned logits [P, B, T, V] of k plans of a ``logits`` call
     (reduced precision: within 0.1 + 1% of the logit scale)."""
@@ -55,8 +55,8 @@ def verify_logits(runner: VerifiedRunner, ps: PlanSet, tokens: torch.Tensor,
                          f"reference by {err:.3g}{extra}")
 
 
-def verify_run(runner: VerifiedRunner, ps: PlanSet, batch: PromptBatch, res: Results, k: int,
-               seed: int, ablation: Ablation | None) -> None:
+def verify_run(runner: VerifiedRunner, ps: PlanSet | EdgePlanSet, batch: PromptBatch,
+               res: Results, k: int, seed: int, ablation: Ablation | None) -> None:
     """Re-check the returned answer logits and ranks of k plans of a ``run`` call."""
     if ablation is not None and ablation.tokens is None:
         raise InputError("verify needs the ablation as tokens (fs.Ablation.mean(tokens=...) "
@@ -91,7 +91,7 @@ def verify_run(runner: VerifiedRunner, ps: PlanSet, batch: PromptBatch, res: Res
                              f"reference gives {int(lo[n, a])}..{int(hi[n, a])}")
 
 
-def verify_logit_diff(runner: VerifiedRunner, ps: PlanSet, batch: PromptBatch,
+def verify_logit_diff(runner: VerifiedRunner, ps: PlanSet | EdgePlanSet, batch: PromptBatch,
                       wrong: torch.Tensor, diff: torch.Tensor, k: int, seed: int,
                       ablation: Ablation | None) -> None:
     """Re-check the logit differences [P, N] of k plans of a ``logit_diff`` call
