@@ -120,7 +120,8 @@ def test_edge_plan_order_duplicates_and_budget_do_not_change_results(case, data)
     extra = data.draw(st.lists(st.integers(0, n - 1), max_size=3), label="duplicates")
     idx = list(order) + extra
     B, T = tokens.shape
-    least = sum(runner.memory_sizes(runner.plan_set(plans), B, T, T))
+    returned = len(idx) * B * T * model.cfg.d_vocab_out * 4  # the logits count too
+    least = sum(runner.memory_sizes(runner.plan_set(plans), B, T, T)) + returned
     k = data.draw(st.sampled_from([0, 1, 4]), label="budget")
     small = fs.Runner(model, max_memory=least + k * 8 * B * T * model.cfg.d_model * 4 + 2**16,
                       verbose=False)

@@ -303,8 +303,11 @@ def check_search_args(args: Args) -> Algorithm:
                              f"'{args.task}'")
     algorithm: Algorithm = args.algorithm or ("seqcont" if args.data == "seqcont"
                                               else "backward")
-    if args.method != "prune-nodes" and (args.algorithm or args.out):
-        raise InputError("--algorithm and --out are options of prune-nodes")
+    if args.method != "prune-nodes" and args.algorithm:
+        raise InputError("--algorithm is an option of prune-nodes")
+    if args.method == "prune-layers" and args.out:
+        raise InputError("--out is an option of prune-nodes, path-patch, faithfulness and "
+                         "prune-edges")
     return algorithm
 
 

@@ -53,6 +53,8 @@ def test_seqcont_options_are_checked_before_loading(argv, message, capsys):
     assert len(err.splitlines()) == 1 and message in err
 
 
-def test_out_is_an_option_of_prune_nodes(capsys):
+def test_out_is_not_an_option_of_prune_layers(capsys):
     assert main(["search", "prune-layers", "--task", "months", "--out", "x.json"]) == 2
-    assert "options of prune-nodes" in capsys.readouterr().err
+    assert "--out is an option of prune-nodes, path-patch" in capsys.readouterr().err
+    assert main(["search", "path-patch", "--task", "months", "--algorithm", "seqcont"]) == 2
+    assert "--algorithm is an option of prune-nodes" in capsys.readouterr().err

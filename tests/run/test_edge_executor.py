@@ -164,7 +164,8 @@ def test_memory_budget_chunks_and_refuses(tiny, prompt_tokens):
     want = fs.Runner(tiny, verbose=False).logits(plans, prompt_tokens)
     runner = fs.Runner(tiny, verbose=False)
     B, T = prompt_tokens.shape
-    least = sum(runner.memory_sizes(runner.plan_set(plans), B, T, T))
+    returned = want.numel() * want.element_size()  # the returned logits count too
+    least = sum(runner.memory_sizes(runner.plan_set(plans), B, T, T)) + returned
     small = fs.Runner(tiny, max_memory=least + 2**20, verbose=False)
     assert (small.logits(plans, prompt_tokens) - want).abs().max() <= 1e-5
     with pytest.raises(fs.MemoryBudgetError):
