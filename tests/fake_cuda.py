@@ -18,6 +18,7 @@ as ``synchronize``); ``torch.cuda.mem_get_info`` answers 4 GiB free and
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 from unittest import mock
@@ -109,8 +110,13 @@ class _Mode(TorchFunctionMode):
 
 @contextlib.contextmanager
 def fake_cuda() -> Iterator[None]:
-    """Run the block with "cuda" simulated on CPU (see the module docstring)."""
-    with mock.patch("torch.cuda.mem_get_info", lambda device=None: (4 * 2**30, 8 * 2**30)), \
+    """Run the block with "cuda" simulated on CPU (see the module docstring). The
+    vocabulary metrics stay eager inside it: once compiled (after 4,096 rows in the
+    process, ``fastskip.run.vocab_reductions``), Dynamo traces through the simulated
+    tensors' ``__torch_function__`` and returns garbage for them; a real CUDA tensor
+    gets its own compiled graph (Dynamo guards on the device)."""
+    with mock.patch.dict(os.environ, {"FASTSKIP_COMPILE_METRICS": "0"}), \
+            mock.patch("torch.cuda.mem_get_info", lambda device=None: (4 * 2**30, 8 * 2**30)), \
             mock.patch("torch.cuda.get_device_name", lambda device=None: "simulated CUDA"), \
             _Mode():
         yield
