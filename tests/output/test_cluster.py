@@ -120,6 +120,8 @@ def test_workers_give_the_one_process_table_bit_for_bit(ray_cluster, tiny_runner
     rows = len(got) // len(PLANS)
     assert got["plan"].iloc[::rows].tolist() == PLANS.texts() == saved.plans  # input order
     assert any(f"{N_SHARDS} shards on 2 workers" in m for m in messages), messages
+    assert any(re.match(r"workers ready after \d+\.\d s: worker \d pid \d+ on .+ \(cpu\), "
+                        r"worker \d pid \d+", m) for m in messages), messages
     done = [int(k) for m in messages for k in re.findall(r"worker \d: (\d+) shards in", m)]
     assert len(done) == 2 and sum(done) == N_SHARDS, messages  # both workers took shards
     assert not out.with_name("workers.parquet.parts").exists()
