@@ -3,12 +3,17 @@ GPT-2-small model and the notebook's 6 prompts (chunks of 256), swept by 1 and b
 2 Ray workers of one torch thread each, and in one process with one and with two
 torch threads; all in one run, so the figures are ratios of one machine at one
 time. The worker runs include starting the workers and shipping the model to
-them (reported apart as well). How busy the machine was (all its cores, from
-/proc/stat, and the load average) is printed with every figure: it is shared.
+them (reported apart as well, from the sweep's "workers ready after" log line).
+How busy the machine was (all its cores, from /proc/stat, and the load average)
+is printed with every figure: it is shared.
 
-One more row: the one-process sweep cut into chunks of the grid's own order
-instead of lexicographic step-key ranges (how sweeps chunked before the shards),
-to show what keeping prefix subtrees together is worth.
+The vocabulary metrics are eager everywhere (``FASTSKIP_COMPILE_METRICS=0``, in
+this process and, through the environment Ray starts in, in the workers): by
+default each process compiles them after 4,096 rows (~10 s), which the worker
+runs would pay once per worker and the one-process runs once for the whole file,
+and the compiled log-sum-exp rounds differently, so the tables would not be
+equal bit for bit. What keeping prefix subtrees together in a shard is worth is
+counted, not timed: tests/output/test_shards.py.
 
     flock /tmp/fastskip-timing.lock .venv/bin/python -m pytest bench/bench_cluster.py -s \\
         --benchmark-json=bench/results/cluster.json
@@ -21,15 +26,14 @@ import os
 import re
 import time
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 from conftest import ANSWERS, PROMPTS, machine
 
 import fastskip as fs
-from fastskip.output.shards import ShardJob
 from fastskip.output.sweep import sweep
+from fastskip.reference.timing import synced, timed, wall_time
 
 ray = pytest.importorskip("ray", reason="needs the cluster extra: pip install 'fastskip[cluster]'")
 
@@ -68,65 +72,59 @@ class Quietness:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local Ray cluster of 2 CPUs (its start-up is not part of any figure)."""
-    t0 = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR)
-    started = time.perf_counter() - t0
-    with Quietness() as idle:  # the machine before any of our work
-        time.sleep(5)
-    print(f"\nRay started in {started:.1f} s; before the bench: {idle.describe()}")
-    yield
-    ray.shutdown()
+    """A local Ray cluster of 2 CPUs (its start-up is not part of any figure), and
+    eager vocabulary metrics here and in its workers (see above)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTSKIP_COMPILE_METRICS", "0")  # Ray's processes inherit it
+        started = 0.0
+        if not ray.is_initialized():
+            started = wall_time(lambda: ray.init(num_cpus=2, include_dashboard=False,
+                                                 log_to_driver=False,
+                                                 logging_level=logging.ERROR))
+        with Quietness() as idle:  # the machine before any of our work
+            time.sleep(5)
+        print(f"\nRay started in {started:.1f} s; before the bench: {idle.describe()}")
+        yield
+        ray.shutdown()
 
 
-def plan_order_sweep(runner) -> pd.DataFrame:
-    """The one-process sweep's work in chunks of the grid's own order (the old chunks)."""
-    job = ShardJob(PROMPTS, ANSWERS, {"top_k": 10})
-    ps = runner.plan_set(PLANS)
-    return pd.concat([job.run(runner, ps.take(np.arange(lo, min(lo + CHUNK, len(ps)))))
-                      for lo in range(0, len(ps), CHUNK)], ignore_index=True)
-
-
-MODES = {  # name: (torch threads of this process, workers, lexicographic shards)
-    "workers_1": (1, 1, True),
-    "workers_2": (1, 2, True),
-    "process_1_thread": (1, None, True),
-    "process_2_threads": (2, None, True),
-    "process_2_threads_plan_order_chunks": (2, None, False),
+MODES = {  # name: (torch threads of this process, workers)
+    "workers_1": (1, 1),
+    "workers_2": (1, 2),
+    "process_1_thread": (1, None),
+    "process_2_threads": (2, None),
 }
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_sweep(benchmark, cluster, gpt2, tmp_path, mode):
-    threads, workers, lexicographic = MODES[mode]
+    threads, workers = MODES[mode]
     torch.set_num_threads(threads)
     runner = fs.Runner(gpt2, verbose=False)
     runner.run(PLANS[:4], PROMPTS, ANSWERS)  # warm-up of this process
-    ready: list[float] = []
+    ready: list[float] = []  # seconds from asking for workers to all of them holding a Runner
     worker_stats: list[tuple[int, float, float]] = []  # per worker: shards, seconds, CPU s
-    t0 = 0.0
+    seconds: list[float] = []
 
     def log(msg: str) -> None:
-        if msg.startswith("workers ready"):
-            ready.append(time.perf_counter() - t0)
+        ready.extend(float(t) for t in re.findall(r"^workers ready after ([\d.]+) s", msg))
         worker_stats.extend((int(k), float(sec), float(cpu)) for k, sec, cpu in re.findall(
             r"worker \d+: (\d+) shards in ([\d.]+) s \(([\d.]+) s of CPU\)", msg))
 
     def run() -> pd.DataFrame:
-        if not lexicographic:
-            return plan_order_sweep(runner)
-        return sweep(runner, PLANS, PROMPTS, ANSWERS, out=tmp_path / f"{mode}.parquet",
-                     chunk_size=CHUNK, resume=False, progress=False, workers=workers, log=log,
-                     top_k=10)
+        table, took = timed(lambda: sweep(
+            runner, PLANS, PROMPTS, ANSWERS, out=tmp_path / f"{mode}.parquet",
+            chunk_size=CHUNK, resume=False, progress=False, workers=workers, log=log, top_k=10))
+        seconds.append(took)
+        return table
 
     with Quietness() as before:  # others' load just before: we are idle here
         time.sleep(3)
     with Quietness() as q:
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        TABLES[mode] = benchmark.pedantic(run, rounds=1, iterations=1)
-        total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        cpu0 = time.process_time()  # this process's CPU seconds (its threads' share)
+        TABLES[mode] = benchmark.pedantic(synced(run), rounds=1, iterations=1)
+        cpu = time.process_time() - cpu0
+    (total,) = seconds
     startup = ready[0] if ready else 0.0
     if workers:  # the share of a core each worker got while computing (1.0 = a quiet core)
         assert len(worker_stats) == workers, worker_stats
@@ -152,10 +150,11 @@ def test_speedup(benchmark, cluster):
     one = TABLES["process_1_thread"]
     for mode in ("workers_1", "workers_2"):
         pd.testing.assert_frame_equal(TABLES[mode], one, check_exact=True)
-    for mode in ("process_2_threads", "process_2_threads_plan_order_chunks"):
-        # near-ties may swap a rank or a top-k entry in fp32: compare the values
-        cols = ["plan", "prompt", "token_id", "logit", "prob"]
-        pd.testing.assert_frame_equal(TABLES[mode][cols], one[cols], atol=1e-4, rtol=1e-4)
+    # two threads split the fp32 sums differently: near-ties may swap a rank or a
+    # top-k entry, so compare the values
+    cols = ["plan", "prompt", "token_id", "logit", "prob"]
+    pd.testing.assert_frame_equal(TABLES["process_2_threads"][cols], one[cols], atol=1e-4,
+                                  rtol=1e-4)
     s = {m: r["seconds"] for m, r in RESULTS.items()}
     w = {m: r["seconds"] - r["startup_seconds"] for m, r in RESULTS.items()}
     ratios = {
@@ -164,8 +163,6 @@ def test_speedup(benchmark, cluster):
         "2_workers_vs_process_2_threads": s["process_2_threads"] / s["workers_2"],
         "1_worker_vs_process_1_thread": s["process_1_thread"] / s["workers_1"],
         "process_2_threads_vs_1_thread": s["process_1_thread"] / s["process_2_threads"],
-        "lexicographic_vs_plan_order_chunks": (s["process_2_threads_plan_order_chunks"]
-                                               / s["process_2_threads"]),
     }
     # CPU seconds per shard in the workers: equal for 1 and 2 workers means the two do
     # not slow each other down (memory bandwidth, caches) apart from sharing the cores
@@ -174,7 +171,7 @@ def test_speedup(benchmark, cluster):
                      for m in ("workers_1", "workers_2")}
     benchmark.extra_info.update({"ratios": ratios, "runs": RESULTS,
                                  "worker_cpu_seconds_per_shard": cpu_per_shard})
-    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.pedantic(synced(lambda: None), rounds=1, iterations=1)  # records extra_info
     print("\n" + "\n".join(f"{k}: {v:.2f}x" for k, v in ratios.items()))
     print("core share of our threads: " + ", ".join(
         f"{m} {r['core_share']:.0%}" for m, r in RESULTS.items()))

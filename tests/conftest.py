@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
 
 
 import fastskip as fs
-from helpers import PROMPTS, small_model
+from helpers import EAGER_METRICS, PROMPTS, small_model
 
 
 @pytest.fixture(scope="session")
@@ -79,16 +79,35 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray cluster of 2 CPUs shared by the cluster tests; yields its address
-    (for a second driver). Ray is the ``cluster`` extra that scripts/setup.sh installs."""
+    (for a second driver). Ray is the ``cluster`` extra that scripts/setup.sh installs.
+
+    Its workers compute the vocabulary metrics eagerly (``FASTSKIP_COMPILE_METRICS=0``,
+    inherited from the environment Ray starts in): by default a process switches to
+    the compiled log-sum-exp after 4,096 rows, whose fp32 sums round differently, so
+    a table would depend on how many rows each process had computed before. The
+    tests comparing bit for bit keep this process eager as well (``eager_metrics``)."""
     import logging
 
     ray = pytest.importorskip("ray", reason="the Ray tests need the cluster extra: "
                                             "pip install 'fastskip[cluster]'")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR)
+    started = not ray.is_initialized()
+    if started:
+        with pytest.MonkeyPatch.context() as mp:  # only while Ray starts its processes
+            for name, value in EAGER_METRICS.items():
+                mp.setenv(name, value)
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.ERROR)
     yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture
+def eager_metrics(monkeypatch):
+    """This process computes the vocabulary metrics eagerly, as the workers of
+    ``ray_cluster`` do (see there): the condition for tables equal bit for bit."""
+    for name, value in EAGER_METRICS.items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.fixture

@@ -187,6 +187,7 @@ def run_shards(model: Any, spec: WorkerSpec, shards: dict[int, PlanSet], job: Sh
     (in completion order). Joins the cluster at ``address`` (or the one this
     process has joined, or starts a local one)."""
     ray = check_workers(workers)
+    start = time.perf_counter()  # driver-side wall clock: the workers' start-up, in the log
     started_ray = _connect(ray, address, workers * spec.threads)
     pool: _Pool | None = None
     running: dict[Any, tuple[int, Any, int]] = {}  # task -> (worker number, handle, shard)
@@ -209,7 +210,7 @@ def run_shards(model: Any, spec: WorkerSpec, shards: dict[int, PlanSet], job: Sh
             described = ray.get([h.describe.remote() for _, h in pool.idle])
         except lost_errors as e:
             raise FastskipError(f"a worker could not start: {e}") from None
-        log("workers ready: " + ", ".join(
+        log(f"workers ready after {time.perf_counter() - start:.1f} s: " + ", ".join(
             f"worker {n} pid {pid} on {host} ({dev})"
             for (n, _), (pid, host, dev) in zip(pool.idle, described, strict=True)))
         job_ref = ray.put(job)

@@ -170,7 +170,10 @@ def sweep(runner: Runner, plans: PlanSet | Sequence[Any], prompts: str | Sequenc
     "cuda", one GPU per worker; default: the runner's device type) with
     ``worker_threads`` torch threads on CPU. The chunks and the table are the same
     as without workers (bit for bit where workers and this process use the same
-    device and number of torch threads), so either kind of run resumes the other.
+    device, number of torch threads and vocabulary-metrics path: by default each
+    process compiles the metrics after 4,096 rows, whose log-sum-exp rounds
+    differently in fp32; ``FASTSKIP_COMPILE_METRICS=0`` or ``=1`` everywhere makes
+    the path the same), so either kind of run resumes the other.
     """
     log = log or (lambda msg: None)
     if chunk_size < 1:

@@ -208,7 +208,8 @@ def test_sweep_workers_without_ray_say_how_to_install_it(tiny_name, prompt_file,
 
 @pytest.mark.slow
 def test_sweep_on_workers_writes_the_one_process_table(tiny_name, prompt_file, tmp_path, capsys,
-                                                       ray_cluster, one_thread, monkeypatch):
+                                                       ray_cluster, one_thread, eager_metrics,
+                                                       monkeypatch):
     from fastskip.cli import commands
 
     monkeypatch.setattr(commands, "interactive", lambda: True)  # status lines on stderr
