@@ -46,8 +46,8 @@ def oriented(task: tasks.Task, runner) -> tasks.Task:
 # -- path patching ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind, ablation", [("gpt2", "mean"), ("gpt2", "resample"),
-                                            ("llama", "mean")])
+@pytest.mark.parametrize("kind, ablation", [("gpt2", "zero"), ("gpt2", "mean"),
+                                            ("gpt2", "resample"), ("llama", "mean")])
 def test_path_patch_equals_the_sequential_reference(kind, ablation):
     model, runner = model_and_runner(kind)
     task = oriented(tasks.make_task("numerals", n=6, seed=1), runner)
