@@ -50,8 +50,8 @@ def smollm_peers():
     if not HAVE_NNSIGHT:
         return {}
     peer = NNsightPeer(*hf_smollm2())
-    return {"nnsight_per_row_masks": lambda p, t: peer.logits(p, t, per_row=True),
-            "nnsight_invokes": lambda p, t: peer.logits(p, t, per_row=False)}
+    return {"nnsight_per_row_masks": lambda p, t, q: peer.logits(p, t, q, per_row=True),
+            "nnsight_invokes": lambda p, t, q: peer.logits(p, t, q, per_row=False)}
 
 
 @pytest.mark.parametrize("name", list(plan_sets()))
