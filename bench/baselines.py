@@ -49,16 +49,19 @@ def masked_hooks(plans: PlanSet, n_prompts: int) -> list:
 
 
 @torch.no_grad()
-def tl_masked_batch(model, plans: PlanSet, tokens: torch.Tensor, chunk: int = 32
-                    ) -> torch.Tensor:
-    """Last-position logits [P, B, V] of every plan, ``chunk`` plans per forward."""
-    B = tokens.shape[0]
+def tl_masked_batch(model, plans: PlanSet, tokens: torch.Tensor,
+                    pos: torch.Tensor | None = None, chunk: int = 32) -> torch.Tensor:
+    """Logits [P, B, V] of every plan at positions ``pos`` [B] (default: the last),
+    ``chunk`` plans per forward."""
+    B, T = tokens.shape
+    pos = torch.full((B,), T - 1, device=tokens.device) if pos is None else pos
     out = []
     for a in range(0, len(plans), chunk):
         part = plans.take(list(range(a, min(a + chunk, len(plans)))))
         logits = model.run_with_hooks(tokens.repeat(len(part), 1),
                                       fwd_hooks=masked_hooks(part, B))
-        out.append(logits[:, -1].reshape(len(part), B, -1))
+        rows = torch.arange(len(logits), device=logits.device)
+        out.append(logits[rows, pos.repeat(len(part))].reshape(len(part), B, -1))
     return torch.cat(out)
 
 

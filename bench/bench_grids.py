@@ -1,9 +1,11 @@
-"""The speed suite of the issue: three plan sets on the random GPT-2-small model
-and the notebook's 6 prompts, each timed against (1) one TransformerLens
-``run_with_hooks`` per plan (how users do it today; timed on a sample, scaled
-per plan), (2) one TransformerLens forward over all plans with mask-multiplying
-hooks (the best a TL user can do; timed on a sample) and (3) fastskip's naive
-one-pass masked batch (no sharing). Ratios are per plan, measured in one run.
+"""The speed suite of the issue: four plan sets on the random GPT-2-small model
+and the notebook's 6 prompts, fastskip in fp32 and in ``precision="mixed"`` timed
+on every plan against the peers on samples of plans (per plan): one TransformerLens
+``run_with_hooks`` per plan, one TransformerLens forward over all plans with
+mask-multiplying hooks, nnsight 0.8.1 over the equivalent Hugging Face GPT-2 (one
+invoke per plan; one batch with per-row masks), auto-circuit 1.0.1's batched node
+masks (``peers.py``), and fastskip's naive one-pass masked batch (no sharing).
+Ratios are per plan, measured in one run; where the time goes for (a) and (b).
 
     .venv/bin/python -m pytest bench/bench_grids.py -s --benchmark-json=bench/results/grids.json
 """
@@ -14,6 +16,7 @@ import pytest
 import torch
 from conftest import ANSWERS, PROMPTS, machine
 from measure import sample, time_plan_set
+from peers import peers
 
 import fastskip as fs
 from fastskip.inputs import make_batch
@@ -26,12 +29,19 @@ def plan_sets() -> dict[str, fs.PlanSet]:
         "a_block_grid_4096": fs.PlanSet.from_plans(fs.grid.block_subsets(12), 12, 12),
         "b_leave_one_out_156": fs.grid.leave_one_out(12, 12, units=("head", "mlp")),
         "c_random_mixed_1024": fs.grid.random_plans(1024, 12, 12, seed=0, p_keep=0.7),
+        "random_blocks_256": fs.grid.random_plans(256, 12, 12, seed=0, kinds=("block",)),
     }
 
 
+@pytest.fixture(scope="module")
+def gpt2_peers(gpt2):
+    return peers(gpt2)
+
+
 @pytest.mark.parametrize("name", list(plan_sets()))
-def test_grid(benchmark, gpt2, tokens, name):
-    time_plan_set(benchmark, gpt2, tokens, plan_sets()[name], PROMPTS, ANSWERS, name)
+def test_grid(benchmark, gpt2, tokens, gpt2_peers, name):
+    time_plan_set(benchmark, gpt2, tokens, plan_sets()[name], PROMPTS, ANSWERS, name,
+                  peers=gpt2_peers, parts=name[:2] in ("a_", "b_"))
 
 
 @pytest.mark.parametrize("exact", [True, False], ids=["exact_ranks", "raw"])

@@ -1,6 +1,9 @@
 """The speed suite on the real SmolLM2-135M (30 layers x 9 heads, Llama blocks):
 random block subsets, leave-one-out over heads and MLPs, random mixed plans,
-against the TransformerLens ways in the same run (see measure.py).
+fastskip in fp32 and mixed precision against the TransformerLens ways and nnsight
+over the same model as ``transformers`` loads it from its GGUF file, in the same
+run (see measure.py). auto-circuit is timed on GPT-2 only (bench_grids.py): its
+harness here is built for GPT-2's TransformerLens model.
 
     .venv/bin/python -m pytest bench/bench_smollm.py -s --benchmark-json=bench/results/smollm.json
 """
@@ -12,11 +15,13 @@ import importlib.util
 import pytest
 import torch
 from measure import time_plan_set
+from peers import HAVE_NNSIGHT, NNsightPeer, hf_smollm2
 
 import fastskip as fs
 
 PROMPTS = ["1 2 3 4", "January February March April", "Monday Tuesday Wednesday Thursday",
            "A B C D", "5 6 7 8", "one two three four"]
+SMOLLM_AGREE = 1e-3  # HF's and TransformerLens's Llama differ in op order (30 layers)
 ANSWERS = [" 5", " May", " Friday", " E", " 9", " five"]
 
 pytestmark = pytest.mark.skipif(
@@ -40,8 +45,17 @@ def plan_sets() -> dict[str, fs.PlanSet]:
     }
 
 
+@pytest.fixture(scope="module")
+def smollm_peers():
+    if not HAVE_NNSIGHT:
+        return {}
+    peer = NNsightPeer(*hf_smollm2())
+    return {"nnsight_per_row_masks": lambda p, t, q: peer.logits(p, t, q, per_row=True),
+            "nnsight_invokes": lambda p, t, q: peer.logits(p, t, q, per_row=False)}
+
+
 @pytest.mark.parametrize("name", list(plan_sets()))
-def test_smollm_grid(benchmark, smollm, name):
+def test_smollm_grid(benchmark, smollm, smollm_peers, name):
     tokens = smollm.to_tokens(PROMPTS)
     time_plan_set(benchmark, smollm, tokens, plan_sets()[name], PROMPTS, ANSWERS,
-                  f"smollm2 {name}")
+                  f"smollm2 {name}", peers=smollm_peers, agree=SMOLLM_AGREE)

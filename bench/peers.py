@@ -19,8 +19,10 @@ as fastskip for the benchmarks (never imported by the library):
   (package ``attrs``) and TransformerLens's old name ``HookedTransformerKeyValueCache``
   (aliased here, in the harness only).
 
-Every peer returns last-position logits [P, B, V] so that agreement with fastskip
-is checked outside the timed region.
+Every peer returns the logits [P, B, V] at one position per prompt (``pos`` [B]: its
+last real token; prompts of different lengths are right-padded, as fastskip pads
+them), so that agreement with fastskip is checked outside the timed region. nnsight
+unembeds only the distinct positions asked (``logits_to_keep`` as indices).
 """
 
 from __future__ import annotations
@@ -149,10 +151,13 @@ class NNsightPeer:
             if not bool((mlp_keep == 1).all()):
                 mlp.output = mlp.output * mlp_keep
 
-    def logits(self, plans: PlanSet, tokens: torch.Tensor, chunk: int = 16,
-               per_row: bool = True) -> torch.Tensor:
-        """Last-position logits [P, B, V]."""
-        B = tokens.shape[0]
+    def logits(self, plans: PlanSet, tokens: torch.Tensor, pos: torch.Tensor | None = None,
+               chunk: int = 16, per_row: bool = True) -> torch.Tensor:
+        """Logits [P, B, V] at positions ``pos`` [B] (default: the last)."""
+        B, T = tokens.shape
+        pos = torch.full((B,), T - 1) if pos is None else pos.cpu()
+        keep = torch.unique(pos)  # only these positions are unembedded
+        at = torch.searchsorted(keep, pos)  # [B]: each prompt's position among them
         dh = self.d_head
         out = []
         for a in range(0, len(plans), chunk):
@@ -161,19 +166,20 @@ class NNsightPeer:
                      ("attn", "heads", "mlp", "attn_ln", "mlp_ln")}
             if per_row:
                 rows = {k: v.repeat_interleave(B, dim=0) for k, v in masks.items()}
-                with self.lm.trace(tokens.repeat(len(part), 1), logits_to_keep=1):
+                with self.lm.trace(tokens.repeat(len(part), 1), logits_to_keep=keep):
                     self._intervene(rows, dh)
                     logits = self.lm.output.logits.save()
-                out.append(logits[:, -1].reshape(len(part), B, -1))
+                out.append(logits[torch.arange(len(logits)), at.repeat(len(part))]
+                           .reshape(len(part), B, -1))
             else:
                 saved = []
-                with self.lm.trace(logits_to_keep=1) as tracer:
+                with self.lm.trace(logits_to_keep=keep) as tracer:
                     for i in range(len(part)):
                         with tracer.invoke(tokens):
                             self._intervene({k: v[i:i + 1].repeat_interleave(B, 0)
                                              for k, v in masks.items()}, dh)
                             saved.append(self.lm.output.logits.save())
-                out.append(torch.stack([s[:, -1] for s in saved]))
+                out.append(torch.stack([s[torch.arange(B), at] for s in saved]))
         return torch.cat(out)
 
 
@@ -235,8 +241,11 @@ class AutoCircuitPeer:
             post.patch_mask.data.copy_(m)
 
     @torch.no_grad()
-    def logits(self, plans: PlanSet, tokens: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-        B = tokens.shape[0]
+    def logits(self, plans: PlanSet, tokens: torch.Tensor, pos: torch.Tensor | None = None,
+               chunk: int = 16) -> torch.Tensor:
+        """Logits [P, B, V] at positions ``pos`` [B] (default: the last)."""
+        B, T = tokens.shape
+        pos = torch.full((B,), T - 1, device=tokens.device) if pos is None else pos
         out = []
         for a in range(0, len(plans), chunk):
             part = plans.take(list(range(a, min(a + chunk, len(plans)))))
@@ -245,20 +254,24 @@ class AutoCircuitPeer:
             with self.ac.set_mask_batch_size(self.pm, len(batch)):
                 self._set_masks(part, B)
                 with self.ac.patch_mode(self.pm, zeros):
-                    logits = self.pm(batch)[:, -1]  # [rows, V]
+                    logits = self.pm(batch)[torch.arange(len(batch)),
+                                            pos.repeat(len(part))]  # [rows, V]
             out.append(logits.reshape(len(part), B, -1))
         return torch.cat(out)
 
 
-def peers(model, tokenizer=None, hf=None) -> dict[str, Callable[[PlanSet, torch.Tensor],
-                                                                  torch.Tensor]]:
-    """The peers that can run here, by name: plans, tokens -> last-position logits."""
-    out: dict[str, Callable[[PlanSet, torch.Tensor], torch.Tensor]] = {}
+Peer = Callable[[PlanSet, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def peers(model, tokenizer=None, hf=None) -> dict[str, Peer]:
+    """The peers that can run here, by name: plans, tokens [B, T], positions [B] ->
+    logits [P, B, V] there."""
+    out: dict[str, Peer] = {}
     if HAVE_NNSIGHT:
         nn_peer = NNsightPeer(hf if hf is not None else hf_gpt2(model),
                               tokenizer or model.tokenizer)
-        out["nnsight_per_row_masks"] = lambda p, t: nn_peer.logits(p, t, per_row=True)
-        out["nnsight_invokes"] = lambda p, t: nn_peer.logits(p, t, per_row=False)
+        out["nnsight_per_row_masks"] = lambda p, t, q: nn_peer.logits(p, t, q, per_row=True)
+        out["nnsight_invokes"] = lambda p, t, q: nn_peer.logits(p, t, q, per_row=False)
     if HAVE_AUTO_CIRCUIT and hf is None:  # auto-circuit runs on the TransformerLens model
         ac_peer = AutoCircuitPeer(model)
         out["auto_circuit_node_masks"] = ac_peer.logits
