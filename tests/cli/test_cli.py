@@ -26,17 +26,6 @@ COMMANDS = ("run", "sweep", "search", "check", "bench", "demo", "show")
 SCRIPT = Path(sys.executable).with_name("fastskip")
 
 
-@pytest.fixture
-def tiny_name(monkeypatch, tiny):
-    """``--model tiny`` loads the session's small random model (3 layers x 4 heads)."""
-    real = fs.model.load_model
-
-    def load(name, **kwargs):
-        return tiny if name == "tiny" else real(name, **kwargs)
-    monkeypatch.setattr(fs.model, "load_model", load)
-    return "tiny"
-
-
 @pytest.fixture(scope="session")
 def hf_folder(tmp_path_factory) -> Path:
     """A 2-layer random GPT-2 saved as a Hugging Face checkpoint folder."""

@@ -11,17 +11,6 @@ import fastskip as fs
 from fastskip.cli import main
 
 
-@pytest.fixture
-def tiny_name(monkeypatch, tiny):
-    """``--model tiny`` loads the session's small random model (3 layers x 4 heads)."""
-    real = fs.model.load_model
-
-    def load(name, **kwargs):
-        return tiny if name == "tiny" else real(name, **kwargs)
-    monkeypatch.setattr(fs.model, "load_model", load)
-    return "tiny"
-
-
 def test_seqcont_search_writes_the_circuit_in_the_papers_format(tiny, tiny_name, tmp_path,
                                                                 capsys):
     out, png = tmp_path / "circuit.json", tmp_path / "trace.png"

@@ -15,17 +15,6 @@ from helpers import PROMPTS
 
 
 @pytest.fixture
-def tiny_name(monkeypatch, tiny):
-    """``--model tiny`` loads the session's small random model (3 layers x 4 heads)."""
-    real = fs.model.load_model
-
-    def load(name, **kwargs):
-        return tiny if name == "tiny" else real(name, **kwargs)
-    monkeypatch.setattr(fs.model, "load_model", load)
-    return "tiny"
-
-
-@pytest.fixture
 def prompts(tiny, tmp_path):
     """Prompts whose answer is the random model's top-1, with a wrong answer it ranks low."""
     res = fs.Runner(tiny).run(["all"], PROMPTS, [" x"] * len(PROMPTS), top_k=1)
