@@ -180,12 +180,14 @@ KILLABLE = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_sweep_killed_with_sigkill_resumes_to_the_same_table(tiny, tmp_path):
+def test_sweep_killed_with_sigkill_resumes_to_the_same_table(tiny, tmp_path, eager_metrics):
+    """Bit for bit: every process computes the vocabulary metrics eagerly (``eager_metrics``;
+    this process has usually passed the 4,096 rows after which they compile)."""
     script = tmp_path / "killable.py"
     script.write_text(KILLABLE.format(tests=str(TESTS)))
     out = tmp_path / "killed.parquet"
     parts = tmp_path / "killed.parquet.parts"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # with the eager setting
     proc = subprocess.Popen([sys.executable, str(script), str(out), "0.5"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
