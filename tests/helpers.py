@@ -126,3 +126,23 @@ def import_auto_circuit():
 
     return types.SimpleNamespace(patchable_model=patchable_model, edge_name=edge_name,
                                  run_tree_patch=run_tree_patch)
+
+
+class Interrupted(Exception):
+    """Raised by ``StopAfter`` to stop a sweep mid-way."""
+
+
+class StopAfter:
+    """A runner whose ``run`` raises after ``n`` calls (a sweep stopped mid-way)."""
+
+    def __init__(self, runner, n):
+        self.runner, self.n, self.calls = runner, n, 0
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def run(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls > self.n:
+            raise Interrupted
+        return self.runner.run(*args, **kwargs)

@@ -23,7 +23,7 @@ import torch
 import fastskip as fs
 from fastskip.output import tables
 from fastskip.output.sweep import sweep
-from helpers import ANSWERS, EAGER_METRICS, PROMPTS
+from helpers import ANSWERS, EAGER_METRICS, PROMPTS, Interrupted, StopAfter
 
 pytestmark = pytest.mark.slow  # each test starts Ray workers (a few seconds)
 
@@ -34,26 +34,6 @@ PLANS = fs.grid.concat(fs.grid.random_plans(272, 3, 4, seed=3),  # every item ki
                        fs.grid.leave_one_out(3, 4, units="head"))  # 300 plans, 15 shards
 N_SHARDS = 15
 OPTIONS = dict(top_k=3, wrong_answers=[" x"] * len(PROMPTS), kl=True)
-
-
-class Interrupted(Exception):
-    pass
-
-
-class StopAfter:
-    """A runner whose ``run`` raises after ``n`` calls (a sweep stopped mid-way)."""
-
-    def __init__(self, runner, n):
-        self.runner, self.n, self.calls = runner, n, 0
-
-    def __getattr__(self, name):
-        return getattr(self.runner, name)
-
-    def run(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls > self.n:
-            raise Interrupted
-        return self.runner.run(*args, **kwargs)
 
 
 @pytest.fixture(scope="module", autouse=True)

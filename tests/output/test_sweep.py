@@ -18,29 +18,9 @@ import pytest
 import fastskip as fs
 from fastskip.output import tables
 from fastskip.output.sweep import sweep
-from helpers import ANSWERS, PROMPTS
+from helpers import ANSWERS, PROMPTS, Interrupted, StopAfter
 
 TESTS = Path(__file__).parents[1]  # helpers.py lives there
-
-
-class Interrupted(Exception):
-    pass
-
-
-class StopAfter:
-    """A runner whose ``run`` raises after ``n`` calls (a sweep stopped mid-way)."""
-
-    def __init__(self, runner, n):
-        self.runner, self.n, self.calls = runner, n, 0
-
-    def __getattr__(self, name):
-        return getattr(self.runner, name)
-
-    def run(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls > self.n:
-            raise Interrupted
-        return self.runner.run(*args, **kwargs)
 
 
 # -- files ---------------------------------------------------------------------------
