@@ -12,8 +12,6 @@ V = d_vocab_out; T positions of the prompts, Q asked positions (Q <= T).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .weights import BlockConfig, LayerWeights, Rotary, StackedWeights
@@ -23,8 +21,8 @@ NEG_INF = float("-inf")
 
 def activation(x: torch.Tensor, name: str) -> torch.Tensor:
     """The MLP nonlinearity, with TransformerLens's formulas."""
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+    if name in ("gelu_new", "gelu_pytorch_tanh"):  # the same formula, in one pass
+        return torch.nn.functional.gelu(x, approximate="tanh")
     if name == "gelu_fast":
         return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
     if name == "gelu":
@@ -37,10 +35,14 @@ def activation(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _normalized(x: torch.Tensor, cfg: BlockConfig) -> torch.Tensor:
-    h = x.float()
+    """TransformerLens's LayerNormPre ((x - mean) / sqrt(var + eps), biased var) or
+    RMSNormPre (x / sqrt(mean(x^2) + eps)), each one fused torch op; bf16/fp16 in
+    fp32, fp32/fp64 as they are."""
+    h = x.float() if x.element_size() < 4 else x
+    shape = (h.shape[-1],)
     if cfg.norm in ("LN", "LNPre"):
-        h = h - h.mean(-1, keepdim=True)
-    return (h / (h.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()).to(x.dtype)
+        return torch.nn.functional.layer_norm(h, shape, eps=cfg.eps).to(x.dtype)
+    return torch.nn.functional.rms_norm(h, shape, eps=cfg.eps).to(x.dtype)
 
 
 def normalize(x: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
@@ -86,8 +88,8 @@ def attention_z(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig,
     H, K, dh = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
     xq = x if q_pos is None else at_positions(x, q_pos)
     Q = xq.shape[2]
-    q = (xq @ lw.W_Q + lw.b_Q).view(n, B, Q, H, dh)
-    kv = (x @ lw.W_KV + lw.b_KV).view(n, B, T, 2, K, dh)
+    q = affine(xq, lw.W_Q, lw.b_Q).view(n, B, Q, H, dh)
+    kv = affine(x, lw.W_KV, lw.b_KV).view(n, B, T, 2, K, dh)
     k, v = kv[:, :, :, 0], kv[:, :, :, 1]
     if rotary is not None:
         pos_q = torch.arange(T, device=x.device) if q_pos is None else q_pos
@@ -128,7 +130,7 @@ def attention_out(z: torch.Tensor, lw: LayerWeights, head_mask: torch.Tensor | N
     is inf or NaN."""
     if head_mask is not None:
         z = where_kept(head_mask[:, None, None, :, None], z)
-    return z.reshape(*z.shape[:3], -1) @ lw.W_O + lw.b_O
+    return affine(z.reshape(*z.shape[:3], -1), lw.W_O, lw.b_O)
 
 
 def mlp_hidden(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig,
@@ -140,12 +142,17 @@ def mlp_hidden(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig,
     x = normalize(x, lw.ln2_w, lw.ln2_b, cfg, apply_ln)
     if lw.W_gate is not None:
         return activation(x @ lw.W_gate, cfg.act_fn) * (x @ lw.W_in) + lw.b_in
-    return activation(x @ lw.W_in + lw.b_in, cfg.act_fn)
+    return activation(affine(x, lw.W_in, lw.b_in), cfg.act_fn)
+
+
+def affine(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x [..., k] @ W [k, m] + b [m], the bias added inside the product (one pass)."""
+    return torch.addmm(b, x.reshape(-1, x.shape[-1]), W).view(*x.shape[:-1], W.shape[-1])
 
 
 def mlp_out(hidden: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
     """The MLP's output [..., d] from its hidden activations [..., F]."""
-    return hidden @ lw.W_out + lw.b_out
+    return affine(hidden, lw.W_out, lw.b_out)
 
 
 def mlp(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig, apply_ln: bool | torch.Tensor

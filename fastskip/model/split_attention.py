@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .blocks import NEG_INF, mlp_hidden, mlp_out, rotate
+from .blocks import NEG_INF, mlp_hidden, mlp_out, normalize, rotate
 from .weights import BlockConfig, LayerWeights, Rotary
 
 
@@ -22,18 +22,7 @@ def receiver_norm(x: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tenso
     plans normalise every head's q, k and v input separately, so the norm runs
     on tens of inputs per plan where node plans run it on one (the formula is
     ``blocks.normalize``'s; reduced precision computes it in fp32, as there)."""
-    d = (x.shape[-1],)
-    h = x.float() if x.element_size() < 4 else x  # bf16/fp16 in fp32; fp32/fp64 as they are
-    if cfg.norm in ("LN", "LNPre"):
-        out = torch.nn.functional.layer_norm(h, d, None, None, cfg.eps)
-    else:
-        out = torch.nn.functional.rms_norm(h, d, None, cfg.eps)
-    out = out.to(x.dtype)
-    if scale is not None:
-        out = out * scale
-    if bias is not None:
-        out = out + bias
-    return out
+    return normalize(x, scale, bias, cfg, True)
 
 
 def attention_norm(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig) -> torch.Tensor:
