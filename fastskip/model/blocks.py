@@ -70,8 +70,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: in
     ``rotary_dim`` features. x: [..., T, heads, dh]; cos/sin: [..., T, 1, rotary_dim]."""
     xr, xp = x[..., :rotary_dim], x[..., rotary_dim:]
     half = rotary_dim // 2
-    flipped = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
-    out = xr * cos + flipped * sin
+    # (x1, x2) -> (x1 cos1 - x2 sin1, x2 cos2 + x1 sin2): the sign sits on the (small) table
+    swapped = torch.cat([xr[..., half:], xr[..., :half]], dim=-1)
+    signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    out = torch.addcmul(xr * cos, swapped, signed_sin)
     return torch.cat([out, xp], dim=-1) if xp.shape[-1] else out
 
 
@@ -96,20 +98,21 @@ def attention_z(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig,
         cos_q, sin_q = rotary.cos[pos_q], rotary.sin[pos_q]  # [(B,) Q, r]
         q = rotate(q, cos_q[..., None, :], sin_q[..., None, :], cfg.rotary_dim)
         k = rotate(k, rotary.cos[:T, None, :], rotary.sin[:T, None, :], cfg.rotary_dim)
-    if K != H:  # grouped-query attention: each key/value head serves H/K query heads
-        k = k.repeat_interleave(H // K, dim=3)
-        v = v.repeat_interleave(H // K, dim=3)
-    q = q.permute(0, 1, 3, 2, 4)  # [n, B, H, Q, dh]
-    k = k.permute(0, 1, 3, 4, 2)  # [n, B, H, dh, T]
-    v = v.permute(0, 1, 3, 2, 4)  # [n, B, H, T, dh]
-    scores = (q @ k) / cfg.attn_scale  # [n, B, H, Q, T]
+    # grouped-query attention without copying keys and values: the G = H/K query heads
+    # of each key/value head are one [G*Q] batch of queries against it (head = k*G + g)
+    G = H // K
+    q = q.view(n, B, Q, K, G, dh).permute(0, 1, 3, 4, 2, 5).reshape(n, B, K, G * Q, dh)
+    k = k.permute(0, 1, 3, 4, 2)  # [n, B, K, dh, T]
+    v = v.permute(0, 1, 3, 2, 4)  # [n, B, K, T, dh]
+    scores = ((q @ k) / cfg.attn_scale).view(n, B, K, G, Q, T)
     keys = torch.arange(T, device=x.device)
     if q_pos is None:
-        allowed = (keys[None, :] <= keys[:, None])[None, None, None]  # [1, 1, 1, T, T]
-    else:
-        allowed = (keys[None, None, :] <= q_pos[:, :, None])[None, :, None]  # [1, B, 1, Q, T]
+        allowed = (keys[None, :] <= keys[:, None])[None, None, None, None]  # [1, 1, 1, 1, T, T]
+    else:  # [1, B, 1, 1, Q, T]
+        allowed = (keys[None, None, :] <= q_pos[:, :, None])[None, :, None, None]
     pattern = torch.softmax(scores.masked_fill(~allowed, NEG_INF), dim=-1)
-    return (pattern @ v).permute(0, 1, 3, 2, 4)  # [n, B, Q, H, dh]
+    z = pattern.view(n, B, K, G * Q, T) @ v  # [n, B, K, G*Q, dh]
+    return z.view(n, B, K, G, Q, dh).permute(0, 1, 4, 2, 3, 5).reshape(n, B, Q, H, dh)
 
 
 def where_kept(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +144,7 @@ def mlp_hidden(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig,
     first half the fused kernels replace.)"""
     x = normalize(x, lw.ln2_w, lw.ln2_b, cfg, apply_ln)
     if lw.W_gate is not None:
-        return activation(x @ lw.W_gate, cfg.act_fn) * (x @ lw.W_in) + lw.b_in
+        return torch.addcmul(lw.b_in, activation(x @ lw.W_gate, cfg.act_fn), x @ lw.W_in)
     return activation(affine(x, lw.W_in, lw.b_in), cfg.act_fn)
 
 
