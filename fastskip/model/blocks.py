@@ -184,10 +184,12 @@ def embed(tokens: torch.Tensor, w: StackedWeights, positions: torch.Tensor | Non
     return x
 
 
-def unembed(x: torch.Tensor, w: StackedWeights) -> torch.Tensor:
-    """Final norm and unembedding: logits [..., d_vocab_out]."""
+def unembed(x: torch.Tensor, w: StackedWeights, out: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """Final norm and unembedding: logits [..., d_vocab_out] (written into ``out``,
+    [rows, d_vocab_out], where given)."""
     h = normalize(x, w.lnf_w, w.lnf_b, w.config, True)
-    flat = torch.addmm(w.b_U, h.reshape(-1, h.shape[-1]), w.W_U)  # bias in the GEMM: one pass
+    flat = torch.addmm(w.b_U, h.reshape(-1, h.shape[-1]), w.W_U, out=out)  # bias in the GEMM
     return flat.view(*h.shape[:-1], flat.shape[-1])
 
 

@@ -44,6 +44,7 @@ from ..model import StackedWeights, blocks
 from .answer_metrics import AnswerMetrics, answer_metrics
 from .mixed_bounds import U_OUT, ColumnConstants, U, exact_split, row_bounds, split3
 from .vocab_reductions import fused_band_reductions
+from .workspace import Workspace
 
 Precision = Literal["mixed"]
 PRECISIONS: tuple[Precision, ...] = ("mixed",)
@@ -180,10 +181,11 @@ class MixedUnembedding:
                                   self.inv[ids.long()])
 
     # -- one batch of rows ------------------------------------------------------------
-    def metrics(self, states: torch.Tensor, answer: torch.Tensor, top_k: int
-                ) -> tuple[AnswerMetrics, torch.Tensor]:
+    def metrics(self, states: torch.Tensor, answer: torch.Tensor, top_k: int,
+                logits: Workspace | None = None) -> tuple[AnswerMetrics, torch.Tensor]:
         """Metrics of final states [R, d] (before the final norm), answers [R] (token
-        ids): fp32 ranks, top-k ids and logits; bf16 probabilities with their bound [R]."""
+        ids): fp32 ranks, top-k ids and logits; bf16 probabilities with their bound [R].
+        ``logits``: where the rows unembedded in fp32 write their logits."""
         w = self.w
         h = blocks.normalize(states, w.lnf_w, w.lnf_b, w.config, True)
         R, dev = h.shape[0], h.device
@@ -221,7 +223,9 @@ class MixedUnembedding:
         rows = torch.cat(redo)
         if len(rows):  # whole fp32 unembeddings, exactly as an fp32 run
             stats.fp32_rows += len(rows)
-            full = answer_metrics(torch.addmm(w.b_U, h[rows], w.W_U), answer[rows].long(), k)
+            out = None if logits is None else logits.take(len(rows), self.V)
+            full = answer_metrics(torch.addmm(w.b_U, h[rows], w.W_U, out=out),
+                                  answer[rows].long(), k)
             for f in fields(met):
                 getattr(met, f.name)[rows] = getattr(full, f.name)
             bound[rows] = 0.0

@@ -50,6 +50,7 @@ from .sources import Sources, sources_for_batch, sources_for_tokens
 from .tree_executor import FinalStates, TreeExecutor
 from .verify import verify_logit_diff, verify_logits, verify_run
 from .vocab_reductions import fused_logit_reductions
+from .workspace import Workspace
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -420,9 +421,10 @@ class Runner:
         sources = self.sources(ablation, batch)
         if self.mixed is not None:
             self.mixed.stats = MixedStats()
+        logits = Workspace(self.weights.dtype, self.device)
         for states, plans, rows in self._each_final(ps, batch.tokens, batch.q_pos, sources,
                                                     progress):
-            self._unembed_metrics(tables, states, plans, rows)
+            self._unembed_metrics(tables, states, plans, rows, logits)
         tables.mask_padding(batch.answer_mask)
         warn_nonfinite(tables.nonfinite, ps)
         info = {"compile_seconds": self.compile_seconds, "nonfinite": tables.nonfinite,
@@ -436,10 +438,11 @@ class Runner:
         return tables.results(ps.lazy_texts(), batch, self.model_name, info)
 
     def _unembed_metrics(self, tables: MetricTables, states: torch.Tensor,
-                         plans: torch.Tensor, rows: torch.Tensor) -> None:
+                         plans: torch.Tensor, rows: torch.Tensor, logits: Workspace) -> None:
         """Unembed one batch of final states [m, N, A, d] into ``tables``."""
         if self.mixed is None:
-            tables.add(blocks.unembed(states, self.weights), plans, rows)
+            out = logits.take(states[..., 0].numel(), self.weights.d_vocab_out)
+            tables.add(blocks.unembed(states, self.weights, out), plans, rows)
             tables.add_states(states, plans, rows)
             return
         # mixed precision: the vocabulary product in bf16 (~4x the fp32 rate on CPUs with
@@ -447,7 +450,8 @@ class Runner:
         # a top-k id open (fastskip.run.mixed_unembed)
         m, N, A, d = states.shape
         met, bound = self.mixed.metrics(states.reshape(-1, d),
-                                        tables.answer_ids.reshape(-1).repeat(m), tables.k)
+                                        tables.answer_ids.reshape(-1).repeat(m), tables.k,
+                                        logits)
         tables.add_metrics(met, plans, rows, m, bound)
         first = states[:, :, 0].reshape(-1, d)  # [m * N, d] at the first answer position
         if tables.wrong is not None:  # the wrong answer's logit in fp32 (one column)
