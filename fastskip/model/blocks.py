@@ -35,14 +35,17 @@ def activation(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _normalized(x: torch.Tensor, cfg: BlockConfig) -> torch.Tensor:
-    """TransformerLens's LayerNormPre ((x - mean) / sqrt(var + eps), biased var) or
-    RMSNormPre (x / sqrt(mean(x^2) + eps)), each one fused torch op; bf16/fp16 in
-    fp32, fp32/fp64 as they are."""
+    """TransformerLens's LayerNormPre ((x - mean) / sqrt(var + eps), biased var) as one
+    fused torch op; RMSNormPre (x / sqrt(mean(x^2) + eps)) in TransformerLens's own op
+    order, as are rotary and the gated product below: with fused versions of the three
+    (F.rms_norm, addcmul) fastskip's fp32 logits on SmolLM2 were 2-3x further from
+    float64 than TransformerLens's on some of 300 random plans
+    (tests/model/test_llama.py::test_smollm2_300_random_plans_of_every_kind).
+    bf16/fp16 in fp32, fp32/fp64 as they are."""
     h = x.float() if x.element_size() < 4 else x
-    shape = (h.shape[-1],)
     if cfg.norm in ("LN", "LNPre"):
-        return torch.nn.functional.layer_norm(h, shape, eps=cfg.eps).to(x.dtype)
-    return torch.nn.functional.rms_norm(h, shape, eps=cfg.eps).to(x.dtype)
+        return torch.nn.functional.layer_norm(h, (h.shape[-1],), eps=cfg.eps).to(x.dtype)
+    return (h / (h.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt()).to(x.dtype)
 
 
 def normalize(x: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
@@ -70,10 +73,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: in
     ``rotary_dim`` features. x: [..., T, heads, dh]; cos/sin: [..., T, 1, rotary_dim]."""
     xr, xp = x[..., :rotary_dim], x[..., rotary_dim:]
     half = rotary_dim // 2
-    # (x1, x2) -> (x1 cos1 - x2 sin1, x2 cos2 + x1 sin2): the sign sits on the (small) table
-    swapped = torch.cat([xr[..., half:], xr[..., :half]], dim=-1)
-    signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-    out = torch.addcmul(xr * cos, swapped, signed_sin)
+    flipped = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
+    out = xr * cos + flipped * sin  # TransformerLens's op order (its rounding)
     return torch.cat([out, xp], dim=-1) if xp.shape[-1] else out
 
 
@@ -144,7 +145,7 @@ def mlp_hidden(x: torch.Tensor, lw: LayerWeights, cfg: BlockConfig,
     first half the fused kernels replace.)"""
     x = normalize(x, lw.ln2_w, lw.ln2_b, cfg, apply_ln)
     if lw.W_gate is not None:
-        return torch.addcmul(lw.b_in, activation(x @ lw.W_gate, cfg.act_fn), x @ lw.W_in)
+        return activation(x @ lw.W_gate, cfg.act_fn) * (x @ lw.W_in) + lw.b_in
     return activation(affine(x, lw.W_in, lw.b_in), cfg.act_fn)
 
 
