@@ -18,10 +18,9 @@ from .weights import BlockConfig, LayerWeights, Rotary
 
 def receiver_norm(x: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
                   cfg: BlockConfig) -> torch.Tensor:
-    """A receiver's norm on its inputs x [n, B, T, d] as one fused kernel: edge
-    plans normalise every head's q, k and v input separately, so the norm runs
-    on tens of inputs per plan where node plans run it on one (the formula is
-    ``blocks.normalize``'s; reduced precision computes it in fp32, as there)."""
+    """A receiver's norm on its inputs x [n, B, T, d]: ``blocks.normalize`` (edge
+    plans normalise every head's q, k and v input separately, so the norm runs on
+    tens of inputs per plan where node plans run it on one)."""
     return normalize(x, scale, bias, cfg, True)
 
 

@@ -9,6 +9,7 @@ from fastskip.run.workspace import Workspace
 
 BUDGET = 8_000_000  # bytes: a few plans of logits at a time
 
+
 def test_a_workspace_grows_and_reuses_its_buffer():
     ws = Workspace(torch.float32, torch.device("cpu"))
     a = ws.take(3, 5)
